@@ -1,0 +1,16 @@
+"""Test a checkpoint: python test.py ckpt=outputs/<date>/<time> (a run dir or a .ckpt file)"""
+
+import hydra
+from omegaconf import DictConfig
+
+from vit.cli import run_reporting_errors
+from vit.run import test
+
+
+@hydra.main(config_path="conf", config_name="test", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    return run_reporting_errors(test, cfg)
+
+
+if __name__ == "__main__":
+    main()

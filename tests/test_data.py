@@ -1,0 +1,155 @@
+from urllib.error import URLError
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from tests.conftest import make_image_folder
+from vit.data import CIFAR10DataModule, EpochBatches, FakeDataModule, FolderDataModule, random_crop_flip
+from vit.errors import ConfigError
+
+
+def fake(**kwargs) -> FakeDataModule:
+    dm = FakeDataModule(**{"train_size": 100, "test_size": 20, "val_size": 10, **kwargs})
+    dm.setup()
+    return dm
+
+
+def test_fake_data_has_cifar_shapes_and_is_reproducible():
+    dm = fake()
+    assert dm.train_set.images.shape == (90, 3, 32, 32) and dm.train_set.images.dtype == torch.uint8
+    assert len(dm.val_set) == 10 and len(dm.test_set) == 20
+    assert dm.num_classes == 10 and int(dm.train_set.labels.max()) < 10
+    assert torch.equal(fake().train_set.images, dm.train_set.images)
+
+
+def test_split_is_seeded():
+    a, b, c = fake(seed=1), fake(seed=1), fake(seed=2)
+    assert torch.equal(a.val_set.images, b.val_set.images)
+    assert not torch.equal(a.val_set.images, c.val_set.images)
+    # the test split is the official one, whatever the seed
+    assert torch.equal(a.test_set.images, c.test_set.images)
+
+
+def test_val_size_zero_trains_on_everything():
+    dm = fake(val_size=0)
+    assert len(dm.train_set) == 100 and dm.val_set is None and not dm.has_val
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [(dict(val_size=100), "data.val_size=100"), (dict(batch_size=0), "data.batch_size"), (dict(val_size=-1), "data.val_size")],
+)
+def test_bad_values_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        fake(**kwargs)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    batches = EpochBatches(10, 4, shuffle=True, seed=3)
+    first = torch.cat(list(batches))
+    assert sorted(first.tolist()) == list(range(10)) and len(batches) == 3
+    batches.set_epoch(1)
+    second = torch.cat(list(batches))
+    assert not torch.equal(first, second)
+    again = EpochBatches(10, 4, shuffle=True, seed=3)
+    again.set_epoch(1)
+    assert torch.equal(torch.cat(list(again)), second)
+
+
+def test_preprocess_matches_the_manuals_transform():
+    dm = fake()
+    images = dm.test_set.images[:4]
+    manual = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    expected = torch.stack([manual(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in images])
+    torch.testing.assert_close(dm.preprocess(images), expected)
+
+
+def test_augmentation_is_drawn_per_image():
+    torch.manual_seed(0)
+    x = torch.arange(3 * 8 * 8, dtype=torch.float32).view(1, 3, 8, 8).repeat(16, 1, 1, 1)
+    out = random_crop_flip(x, padding=2)
+    assert out.shape == x.shape
+    assert len({tuple(img.flatten().tolist()) for img in out}) > 4
+    # no padding: only flips, each image either unchanged or mirrored
+    flipped = random_crop_flip(x, padding=0)
+    assert all(torch.equal(f, x[0]) or torch.equal(f, x[0].flip(-1)) for f in flipped)
+
+
+def test_augmentation_only_in_training():
+    dm = fake(augment=True)
+    images = dm.test_set.images[:8]
+    torch.testing.assert_close(dm.preprocess(images), fake().preprocess(images))
+    assert not torch.allclose(dm.preprocess(images, augment=True), dm.preprocess(images))
+
+
+def test_image_size_resizes_on_the_device():
+    dm = fake(image_size=64)
+    assert dm.preprocess(dm.test_set.images[:2]).shape == (2, 3, 64, 64)
+    assert dm.image_shape() == (3, 64, 64)
+
+
+def test_folder_data_classes_come_from_folders_and_are_cached(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=("ant", "bee", "cow"), per_class=5)
+    # images of another size are resized when decoded
+    Image.new("RGB", (50, 40), (255, 0, 0)).save(root / "train" / "cow" / "big.jpg")
+    dm = FolderDataModule(root=str(root), data_dir=str(tmp_path / "data"), val_size=4)
+    dm.setup()
+    assert dm.classes == ("ant", "bee", "cow")
+    assert len(dm.train_set) + len(dm.val_set) == 16 and len(dm.test_set) == 15
+    assert dm.test_set.images.shape[1:] == (3, 32, 32)
+    assert sorted(dm.test_set.labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+    caches = sorted((tmp_path / "data" / "cache").glob("*.pt"))
+    assert [p.name.split("-")[0] for p in caches] == ["test", "train"]
+    # a second module reads the cache: break the decoder to prove it is not called
+    again = FolderDataModule(root=str(root), data_dir=str(tmp_path / "data"), val_size=4)
+    again._decode = None
+    again.setup()
+    assert torch.equal(again.test_set.images, dm.test_set.images)
+
+
+def test_folder_cache_notices_changed_files(tmp_path):
+    root = make_image_folder(tmp_path / "images", per_class=3)
+    FolderDataModule(root=str(root), data_dir=str(tmp_path / "data"), val_size=1).setup("test")
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "test" / "cat" / "extra.png")
+    dm = FolderDataModule(root=str(root), data_dir=str(tmp_path / "data"), val_size=1)
+    dm.setup("test")
+    assert len(dm.test_set) == 7
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="data.root"):
+        FolderDataModule(root=None)
+    with pytest.raises(ConfigError, match="does not exist"):
+        FolderDataModule(root=str(tmp_path / "missing"))
+    root = make_image_folder(tmp_path / "a")
+    (root / "test" / "dog").rename(root / "test" / "wolf")
+    with pytest.raises(ConfigError, match="class folders differ"):
+        FolderDataModule(root=str(root))
+    root = make_image_folder(tmp_path / "b")
+    for f in (root / "test").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    for d in sorted((root / "test").glob("*")):
+        d.rmdir()
+    (root / "test").rmdir()
+    with pytest.raises(ConfigError, match="no test/ folder"):
+        FolderDataModule(root=str(root))
+    root = make_image_folder(tmp_path / "c")
+    (root / "train" / "cat" / "0001.png").write_bytes(b"not an image")
+    dm = FolderDataModule(root=str(root), data_dir=None, val_size=1)
+    with pytest.raises(ConfigError, match="0001.png"):
+        dm.setup()
+
+
+def test_cifar10_offline_names_the_alternatives(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert "data=folder data.root=" in message and "data=fake" in message and "\n" not in message

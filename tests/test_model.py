@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from tests import manual_vit
+from vit.model import MultiHeadAttention, ViT
+
+CIFAR = dict(in_channels=3, patch_size=4, emb_size=64, img_size=32, depth=12, n_classes=10)
+SMALL = dict(in_channels=3, patch_size=8, emb_size=32, img_size=32, depth=2, n_classes=10, num_heads=4)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def set_fused(model: torch.nn.Module, fused: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.fused = fused
+
+
+def test_parameter_counts():
+    base = ViT()
+    assert n_params(base) == 86_567_656
+    assert n_params(ViT(**CIFAR)) == 607_946
+    # The manual's torchsummary prints 86,415,592: it leaves out the class token and the position table.
+    embedding = base[0]
+    assert n_params(base) - embedding.cls_token.numel() - embedding.positions.numel() == 86_415_592
+
+
+@pytest.mark.parametrize("seed_attention", [False, True])
+def test_sdpa_and_plain_paths_agree(seed_attention):
+    torch.manual_seed(0)
+    model = ViT(**SMALL, seed_attention=seed_attention).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        set_fused(model, False)
+        plain = model(x)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_scales_scores_before_softmax():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(emb_size=32, num_heads=4).eval()
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn.qkv(x).view(2, 5, 4, 8, 3).permute(4, 0, 2, 1, 3)  # b n (h d qkv) -> qkv b h n d
+    att = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    expected = attn.projection((att @ v).permute(0, 2, 1, 3).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_seed_attention_gives_the_manuals_outputs():
+    torch.manual_seed(0)
+    reference = manual_vit.ViT(**CIFAR).eval()
+    ours = ViT(**CIFAR, seed_attention=True).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-4)
+        set_fused(ours, False)
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-4)
+        fixed = ViT(**CIFAR).eval()
+        fixed.load_state_dict(reference.state_dict())
+        assert not torch.allclose(fixed(x), reference(x), atol=1e-3)
+
+
+def test_state_dict_keys_are_the_manuals():
+    for kwargs in (CIFAR, {}):
+        reference = manual_vit.ViT(**kwargs).state_dict()
+        ours = ViT(**kwargs).state_dict()
+        assert list(ours) == list(reference)
+        assert all(ours[k].shape == reference[k].shape for k in ours)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mask_really_masks(fused):
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(emb_size=32, num_heads=4, fused=fused).eval()
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[:, 5] = False  # nobody attends to token 5
+    changed = x.clone()
+    changed[:, 5] = torch.randn(2, 32) * 10
+    out, out_changed = attn(x, mask=mask), attn(changed, mask=mask)
+    torch.testing.assert_close(out[:, :5], out_changed[:, :5])
+    assert not torch.allclose(attn(x)[:, :5], attn(changed)[:, :5])
+
+
+def test_manuals_mask_code_is_broken():
+    attn = manual_vit.MultiHeadAttention(emb_size=32, num_heads=4)
+    with pytest.raises(AttributeError, match="mask_fill"):
+        attn(torch.randn(1, 3, 32), mask=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_plain_path_keeps_attention_for_inspection():
+    model = ViT(**SMALL).eval()
+    for m in model.attention_modules():
+        m.keep_attention = True
+    model(torch.randn(2, 3, 32, 32))
+    att = model.attention_modules()[0].last_attention
+    assert att.shape == (2, 4, 17, 17)  # b h q k: 16 patches + class token
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 4, 17))
+
+
+@pytest.mark.parametrize(
+    "kwargs, numbers",
+    [
+        (dict(img_size=30, patch_size=4), ["img_size=30", "patch_size=4"]),
+        (dict(emb_size=64, num_heads=6), ["emb_size=64", "num_heads=6"]),
+        (dict(depth=0), ["depth", "0"]),
+        (dict(n_classes=0), ["n_classes", "0"]),
+    ],
+)
+def test_bad_shapes_fail_at_construction(kwargs, numbers):
+    with pytest.raises(ValueError) as info:
+        ViT(**{**CIFAR, **kwargs})
+    for text in numbers:
+        assert text in str(info.value)
+
+
+def test_wrong_input_size_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\).*\(3, 64, 64\)"):
+        ViT(**SMALL)(torch.randn(1, 3, 64, 64))

@@ -1,0 +1,151 @@
+"""train(cfg) / test(cfg) end to end on small generated data, and the command line as a user runs it."""
+
+import json
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+
+from tests.conftest import make_image_folder, run_script
+from vit.cli import run_reporting_errors
+from vit.errors import ConfigError
+from vit import run
+from vit.run import train
+
+
+def run_files(run: Path) -> dict:
+    return {
+        "metrics": json.loads((run / "metrics.json").read_text()),
+        "ckpts": sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")),
+        "events": list(run.rglob("events.out.tfevents.*")),
+    }
+
+
+def test_training_learns_two_easy_classes(make_cfg):
+    cfg = make_cfg(["data.num_classes=2", "trainer.max_epochs=3", "optim.lr=3e-3"])
+    metrics = train(cfg)
+    assert metrics["test/acc"] > 0.9, metrics  # chance is 0.5
+    assert metrics["val/acc"] > 0.9
+
+
+def test_train_then_test_gives_the_same_accuracy(make_cfg, capsys):
+    cfg = make_cfg(["trainer.max_epochs=2"])
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    files = run_files(run_dir)
+    assert files["metrics"] == metrics
+    assert 0 <= metrics["test/acc"] <= 1 and 0 <= metrics["val/acc"] <= 1 and metrics["test/loss"] > 0
+    assert "last.ckpt" in files["ckpts"] and any(c.startswith("epoch") and "val_acc" in c for c in files["ckpts"])
+    assert not any("=" in c for c in files["ckpts"])
+    assert files["events"]
+    assert f"Accuracy on test set: {100 * metrics['test/acc']:.2f}%" in capsys.readouterr().out
+
+    tested = run.test(make_cfg([f"ckpt={run_dir}"], name="test", run="test"))
+    assert tested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert tested["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    assert json.loads((Path(cfg.paths.output_dir).parent / "test" / "metrics.json").read_text()) == tested
+
+
+def test_val_size_zero_keeps_the_last_epoch(make_cfg):
+    cfg = make_cfg(["data.val_size=0", "trainer.max_epochs=2"])
+    metrics = train(cfg)
+    files = run_files(Path(cfg.paths.output_dir))
+    assert files["metrics"]["val/acc"] is None and metrics["test/acc"] is not None
+    assert files["ckpts"] == ["epoch001.ckpt", "last.ckpt"]
+
+
+def test_folder_data_trains(make_cfg, tmp_path):
+    root = make_image_folder(tmp_path / "images", per_class=8)
+    cfg = make_cfg(["data=folder", f"data.root={root}", "data.val_size=4", "data.batch_size=4", "trainer.max_epochs=1"], tiny=False)
+    metrics = train(cfg)
+    assert metrics["test/acc"] is not None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs must be >= 1"),
+        ("data.val_size=256", "data.val_size=256 must be smaller"),
+        ("model.n_classes=100", "model.n_classes=100 but the data has 10 classes"),
+        ("model.num_heads=3", "emb_size=16 is not divisible by num_heads=3"),
+        ("model.img_size=30", "img_size=30 is not divisible by patch_size=8"),
+        ("model.img_size=64", "data gives 3x32x32 images but the model expects 3x64x64"),
+    ],
+)
+def test_bad_values_fail_before_training(make_cfg, override, message):
+    cfg = make_cfg([override])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("+", r"\+")):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_default_data_offline_is_one_line_naming_the_fix(make_cfg, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    cfg = make_cfg(tiny=False)
+    with pytest.raises(SystemExit) as info:
+        run_reporting_errors(train, cfg)
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data=folder data.root=" in err[0] and "data=fake" in err[0]
+
+
+def test_test_script_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args, message in [
+        ((), "no checkpoint given"),
+        (("ckpt=does/not/exist",), "does/not/exist does not exist"),
+        ((f"ckpt={tmp_path / 'empty'}",), "no checkpoints (*.ckpt)"),
+    ]:
+        result = run_script("test.py", *args, f"hydra.run.dir={tmp_path / 'out'}")
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_train_script_bad_value_is_one_line(tmp_path):
+    result = run_script("train.py", "data=fake", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["Error: optim.lr must be > 0, got -1"]
+
+
+def test_design_card_sweep_makes_eight_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_script(
+        "train.py",
+        "-m",
+        "trainer.max_epochs=10,20",
+        "data.batch_size=32,64",
+        "optim.lr=1e-3,1e-4",
+        "data=fake",
+        "data.train_size=128",
+        "data.val_size=32",
+        "data.test_size=32",
+        "model.depth=1",
+        "model.emb_size=16",
+        "model.num_heads=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [j.name for j in jobs] == [str(i) for i in range(8)]
+    seen = set()
+    for job in jobs:
+        files = run_files(job)
+        assert files["metrics"]["test/acc"] is not None and files["events"] and "last.ckpt" in files["ckpts"]
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        seen.add(tuple(line for line in overrides.splitlines() if "max_epochs" in line or "batch_size=" in line or "lr=" in line))
+        assert files["metrics"]["epochs"] == (10 if "max_epochs=10" in overrides else 20)
+    assert len(seen) == 8

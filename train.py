@@ -1,0 +1,16 @@
+"""Train a ViT on CIFAR-10: python train.py [overrides]; a sweep: python train.py -m optim.lr=1e-3,1e-4"""
+
+import hydra
+from omegaconf import DictConfig
+
+from vit.cli import run_reporting_errors
+from vit.run import train
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    return run_reporting_errors(train, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""CIFAR-10 (and any ImageFolder tree) as LightningDataModules.
+
+A whole data set is held as one uint8 tensor, shape (n, c, h, w), and batches are
+cut from it by index: no per-sample PIL work. Float conversion, normalisation,
+resizing and augmentation run batched on the device in ``on_after_batch_transfer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.error import URLError
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class TensorImages(Dataset):
+    """Indexed by a whole batch of indices at once (see ``EpochBatches``)."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+
+class EpochBatches:
+    """Yields index batches; the order of epoch e depends only on (seed, e), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        yield from order.split(self.batch_size)
+
+
+def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
+    """Zero-pad, crop back to size at a random offset and flip half, each image drawn on its own."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
+    rows = dy + torch.arange(h, device=x.device)  # b h
+    cols = dx + torch.arange(w, device=x.device)  # b w
+    flip = torch.rand(b, 1, device=x.device, generator=generator) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base: holds train/test uint8 tensors, splits off a seeded validation set, prepares batches on the device.
+
+    Subclasses say where the images come from (``_load``) and what the classes are;
+    ``data_dir`` holds downloads and caches.
+    ``val_size=0`` trains on the whole training set with no validation, as the manual does.
+    """
+
+    classes: Sequence[str] = ()
+
+    def __init__(
+        self,
+        data_dir: str | None = "data",
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        val_size: int = 5000,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        image_size: int | None = None,
+        augment: bool = False,
+        crop_padding: int = 4,
+        seed: int = 42,
+    ):
+        super().__init__()
+        for name, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(val_size, int) or val_size < 0:
+            raise ConfigError(f"data.val_size must be an integer >= 0, got {val_size!r}")
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ConfigError(f"data.mean and data.std need one value per channel and std > 0, got {list(mean)} and {list(std)}")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+            raise ConfigError(f"data.image_size must be null or an integer >= 1, got {image_size!r}")
+        if not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ConfigError(f"data.crop_padding must be an integer >= 0, got {crop_padding!r}")
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.image_size = image_size
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.seed = seed
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        self.train_set: TensorImages | None = None
+        self.val_set: TensorImages | None = None
+        self.test_set: TensorImages | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_size > 0
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        """(images uint8 (n, c, h, w), labels int64 (n,)) of the train or test split."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, labels = self._load(train=True)
+            if self.val_size >= len(labels):
+                raise ConfigError(
+                    f"data.val_size={self.val_size} must be smaller than the training set ({len(labels)} images): "
+                    f"use 0 <= data.val_size < {len(labels)}"
+                )
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            val, train = order[: self.val_size], order[self.val_size :]
+            self.train_set = TensorImages(images[train], labels[train])
+            self.val_set = TensorImages(images[val], labels[val]) if self.has_val else None
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = TensorImages(*self._load(train=False))
+
+    def _loader(self, data: TensorImages | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if data is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(data, sampler=EpochBatches(len(data), batch_size, shuffle, self.seed), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def preprocess(self, images: Tensor, augment: bool = False) -> Tensor:
+        """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input."""
+        x = images.float().div_(255)
+        if self.image_size is not None and x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+        if augment:
+            x = random_crop_flip(x, self.crop_padding)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(images, augment=self.augment and training), labels
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(c, h, w) of the model's input."""
+        data = self.train_set or self.test_set
+        if data is None:
+            raise RuntimeError("call setup() first")
+        c, h, w = data.images.shape[1:]
+        return (c, self.image_size, self.image_size) if self.image_size else (c, h, w)
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """torchvision's CIFAR-10, downloaded into ``data_dir`` on first use."""
+
+    classes = CIFAR10_CLASSES
+
+    def prepare_data(self) -> None:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            for train in (True, False):
+                CIFAR10(self.data_dir, train=train, download=True)
+        except (URLError, OSError, RuntimeError) as e:
+            raise ConfigError(
+                f"CIFAR-10 is not in {self.data_dir} and could not be downloaded ({e}). "
+                "Offline, use an ImageFolder copy: data=folder data.root=DIR (e.g. ../shared/data/cifar10-jpeg), "
+                "or synthetic data: data=fake"
+            ) from None
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        from torchvision.datasets import CIFAR10
+
+        data = CIFAR10(self.data_dir, train=train, download=False)
+        images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # n h w c -> n c h w
+        return images, torch.tensor(data.targets, dtype=torch.long)
+
+
+class FolderDataModule(ImageDataModule):
+    """An ImageFolder tree ``root/{train,test}/<class>/<image>``; classes are the folder names.
+
+    Images are decoded once (resized to ``stored_size`` x ``stored_size`` where they differ) and the
+    uint8 tensors cached under ``data_dir/cache`` (none when ``data_dir`` is null), keyed
+    by the file list, sizes and times.
+    """
+
+    def __init__(self, root: str | None = None, stored_size: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        if not root:
+            raise ConfigError("data=folder needs data.root=DIR, a folder with train/<class>/ and test/<class>/ images")
+        self.root = Path(root)
+        self.stored_size = stored_size
+        self.classes = self._class_names()
+
+    def _split_dir(self, split: str) -> Path:
+        path = self.root / split
+        if not path.is_dir():
+            raise ConfigError(f"data.root={self.root} has no {split}/ folder: expected {self.root}/{split}/<class>/<image>")
+        return path
+
+    def _class_names(self) -> tuple[str, ...]:
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={self.root} does not exist: point data.root at a folder with train/ and test/")
+        names = {}
+        for split in ("train", "test"):
+            names[split] = sorted(p.name for p in self._split_dir(split).iterdir() if p.is_dir())
+            if not names[split]:
+                raise ConfigError(f"{self.root / split} has no class folders: expected {self.root / split}/<class>/<image>")
+        if names["train"] != names["test"]:
+            raise ConfigError(
+                f"class folders differ between {self.root / 'train'} {names['train']} and {self.root / 'test'} {names['test']}"
+            )
+        return tuple(names["train"])
+
+    def _files(self, split: str) -> list[tuple[Path, int]]:
+        files = []
+        for label, name in enumerate(self.classes):
+            for entry in sorted(os.scandir(self.root / split / name), key=lambda e: e.name):
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    files.append((Path(entry.path), label))
+        if not files:
+            raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root / split}")
+        return files
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        split = "train" if train else "test"
+        files = self._files(split)
+        cache = self._cache_path(split, files)
+        if cache is not None and cache.exists():
+            data = torch.load(cache, weights_only=True)
+            return data["images"], data["labels"]
+        log.info("Decoding %d images under %s (once; cached in %s)", len(files), self.root / split, cache)
+        images = torch.stack([self._decode(path) for path, _ in files])
+        labels = torch.tensor([label for _, label in files], dtype=torch.long)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"images": images, "labels": labels}, tmp)
+            tmp.replace(cache)
+        return images, labels
+
+    def _cache_path(self, split: str, files: list[tuple[Path, int]]) -> Path | None:
+        if not self.data_dir:
+            return None
+        digest = hashlib.sha256(f"pil-rgb-v1|{self.root.resolve()}|{self.stored_size}|{self.classes}".encode())
+        for path, label in files:
+            stat = path.stat()
+            digest.update(f"{path.name}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return Path(self.data_dir) / "cache" / f"{split}-{digest.hexdigest()[:16]}.pt"
+
+    def _decode(self, path: Path) -> Tensor:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if image.size != (self.stored_size, self.stored_size):
+                    image = image.resize((self.stored_size, self.stored_size), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read image {path}: {e}") from None
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # h w c -> c h w
+
+
+class FakeDataModule(ImageDataModule):
+    """Synthetic images of CIFAR-10's shape: each class is a smooth colour template plus noise, so it can be learnt.
+
+    ``data_seed`` fixes the images themselves (the "data set"); ``seed`` only the split and order, as for real data.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        train_size: int = 1000,
+        test_size: int = 200,
+        stored_size: int = 32,
+        noise: float = 0.5,
+        data_seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (("data.num_classes", num_classes), ("data.train_size", train_size), ("data.test_size", test_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        self.classes = tuple(f"class{i}" for i in range(num_classes))
+        self.train_size, self.test_size, self.stored_size, self.noise = train_size, test_size, stored_size, noise
+        self.data_seed = data_seed
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(self.data_seed)
+        templates = F.interpolate(torch.rand(self.num_classes, 3, 4, 4, generator=g), size=(self.stored_size,) * 2, mode="bilinear")
+        if not train:
+            g.manual_seed(self.data_seed + 1)
+        n = self.train_size if train else self.test_size
+        labels = torch.randint(0, self.num_classes, (n,), generator=g)
+        noise = torch.rand(n, 3, self.stored_size, self.stored_size, generator=g)
+        images = (1 - self.noise) * templates[labels] + self.noise * noise
+        return (images * 255).round().to(torch.uint8), labels

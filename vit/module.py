@@ -1,0 +1,94 @@
+"""The LightningModule: trains any classifier net given to it with cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from vit.errors import ConfigError
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class ClassifierModule(L.LightningModule):
+    """Wraps ``net`` ((b, c, h, w) -> (b, n_classes) logits) for training, validation and test.
+
+    ``optimizer`` is a partial taking the parameters (``_partial_: true`` in config);
+    ``scheduler`` a partial taking the optimizer and ``total_steps`` and stepped every batch.
+    ``config`` (the run's resolved config as plain containers) is stored in every
+    checkpoint so ``test.py`` can rebuild the net and the data from the file alone.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
+        num_classes = num_classes or getattr(net, "n_classes", None)
+        if num_classes is None:
+            raise ValueError("num_classes is needed when the net has no n_classes attribute")
+        self.save_hyperparameters({"config": config}, logger=False)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
+        """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""
+        lr = getattr(optimizer, "keywords", {}).get("lr")
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {lr}")
+        try:
+            optimizer([nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"bad optimizer settings (optim.*): {e}") from None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch
+        logits = self.net(x)
+        return F.cross_entropy(logits, y), logits.argmax(dim=1), y
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, preds, y = self._step(batch)
+        self.train_acc(preds, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, y = self._step(batch)
+        self.val_acc(preds, y)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, y = self._step(batch)
+        self.test_acc(preds, y)
+        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("this module was built for evaluation only (no optimizer)")
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

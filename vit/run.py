@@ -1,0 +1,162 @@
+"""``train(cfg)`` and ``test(cfg)``: what ``train.py`` and ``test.py`` call, and what the tests call."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from vit import checkpoints
+from vit.data import ImageDataModule
+from vit.errors import ConfigError
+from vit.module import ClassifierModule
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, Any]
+SAVED_KEYS = ("model", "data", "optim", "scheduler", "seed")
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, turning a constructor's ValueError into a ConfigError that names the config key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
+
+
+def build_net(model_cfg: Any, num_classes: int) -> torch.nn.Module:
+    """The net with ``n_classes`` taken from the data; an explicit value that disagrees is an error."""
+    n_classes = model_cfg.get("n_classes")
+    if n_classes is not None and n_classes != num_classes:
+        raise ConfigError(
+            f"model.n_classes={n_classes} but the data has {num_classes} classes: "
+            f"drop model.n_classes (it follows the data) or set model.n_classes={num_classes}"
+        )
+    return build(model_cfg, "model", n_classes=num_classes)
+
+
+def check_input_shape(datamodule: ImageDataModule, net: torch.nn.Module) -> None:
+    channels, height, width = datamodule.image_shape()
+    want = (getattr(net, "in_channels", channels), getattr(net, "img_size", height), getattr(net, "img_size", width))
+    if (channels, height, width) != want:
+        raise ConfigError(
+            f"the data gives {channels}x{height}x{width} images but the model expects {want[0]}x{want[1]}x{want[2]}: "
+            f"set model.img_size={height} or data.image_size={want[1]} (resizes on the device)"
+        )
+
+
+def resolve_precision(trainer_cfg: Any) -> str | int:
+    """An explicit ``trainer.precision`` wins; null means 16-mixed on a CUDA GPU and 32-true elsewhere."""
+    if trainer_cfg.get("precision") is not None:
+        return trainer_cfg.precision
+    if torch.cuda.is_available() and trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda"):
+        return "16-mixed"
+    log.info("No CUDA GPU: running in 32-true precision (16-mixed needs a GPU)")
+    return "32-true"
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, **overrides: Any) -> L.Trainer:
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
+
+
+def report(metrics: Metrics, output_dir: str | Path) -> None:
+    """Prints the manual's closing line and writes ``metrics.json`` into the run dir."""
+    if metrics.get("test/acc") is not None:
+        print(f"Accuracy on test set: {100 * metrics['test/acc']:.2f}%")
+    path = Path(output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("Metrics written to %s", path)
+
+
+def test_metrics(results: list[dict[str, float]]) -> Metrics:
+    return {"test/acc": float(results[0]["test/acc"]), "test/loss": float(results[0]["test/loss"])}
+
+
+def train(cfg: DictConfig) -> Metrics:
+    """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {max_epochs}")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        log.info("Seed: %d", cfg.seed)
+
+    datamodule: ImageDataModule = build(cfg.data, "data")
+    net = build_net(cfg.model, datamodule.num_classes)
+    saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
+    saved["model"]["n_classes"] = datamodule.num_classes
+    module = ClassifierModule(
+        net,
+        optimizer=build(cfg.optim, "optim"),
+        scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
+        config=saved,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    check_input_shape(datamodule, net)
+
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        # Without a validation split there is nothing to monitor: keep the last epoch's checkpoint.
+        no_val = {"monitor": None, "filename": "epoch{epoch:03d}"} if not datamodule.has_val and node.get("monitor") else {}
+        callbacks.append(build(node, f"callbacks.{name}", **no_val))
+    overrides = {} if datamodule.has_val else {"limit_val_batches": 0}
+    trainer = build_trainer(cfg, callbacks, **overrides)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    checkpoint = trainer.checkpoint_callback
+    best_score = checkpoint.best_model_score if isinstance(checkpoint, ModelCheckpoint) else None
+    metrics: Metrics = {
+        "val/acc": float(best_score) if datamodule.has_val and best_score is not None else None,
+        "epochs": trainer.current_epoch,
+        "ckpt": (checkpoint.best_model_path or checkpoint.last_model_path) if isinstance(checkpoint, ModelCheckpoint) else None,
+    }
+    if trainer.interrupted:
+        log.warning("Training was interrupted: skipping the test")
+    elif cfg.get("test"):
+        ckpt_path = "best" if datamodule.has_val and metrics["ckpt"] else None
+        metrics.update(test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)))
+    report(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+def test(cfg: DictConfig) -> Metrics:
+    """Evaluates a checkpoint on the test split of the data it was trained on (or ``data=...``)."""
+    path = checkpoints.resolve(cfg.get("ckpt"))
+    checkpoint = checkpoints.load(path)
+    config = checkpoint["hyper_parameters"]["config"]
+    log.info("Testing %s", path)
+    datamodule: ImageDataModule = build(cfg.data if cfg.get("data") else config["data"], "data")
+    net = build(config["model"], "model")
+    if datamodule.num_classes != net.n_classes:
+        raise ConfigError(
+            f"the checkpoint's model has {net.n_classes} classes but the data has {datamodule.num_classes}: "
+            "test it on the data it was trained on (leave out data=...)"
+        )
+    module = ClassifierModule(net, config=config)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise ConfigError(f"{path} does not match its own model config: {str(e).splitlines()[0]}") from None
+    datamodule.setup("test")
+    check_input_shape(datamodule, net)
+    trainer = build_trainer(cfg, callbacks=[])
+    metrics: Metrics = {"ckpt": str(path), **test_metrics(trainer.test(module, datamodule=datamodule))}
+    report(metrics, cfg.paths.output_dir)
+    return metrics
