@@ -44,6 +44,7 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.data_dir = str(output_dir.parent / "data")
+        cfg.paths.log_dir = str(output_dir.parent)
         del cfg.hydra
     return cfg
 
@@ -77,3 +78,14 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, si
                 pixels = (base + torch.randint(-30, 30, (size, size, 3), generator=g)).clamp(0, 255).to(torch.uint8)
                 Image.fromarray(pixels.numpy()).save(folder / f"{j:04d}{suffix}")
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny finished training run (fake data, 10 classes), shared by the tests that need a checkpoint."""
+    from vit.run import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(compose_config("train", [*TINY, "trainer.max_epochs=1"], run))
+    GlobalHydra.instance().clear()
+    return run

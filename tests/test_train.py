@@ -100,7 +100,7 @@ def test_test_script_errors_are_one_line(tmp_path):
     for args, message in [
         ((), "no checkpoint given"),
         (("ckpt=does/not/exist",), "does/not/exist does not exist"),
-        ((f"ckpt={tmp_path / 'empty'}",), "no checkpoints (*.ckpt)"),
+        ((f"ckpt={tmp_path / 'empty'}",), "is empty"),
     ]:
         result = run_script("test.py", *args, f"hydra.run.dir={tmp_path / 'out'}")
         assert result.returncode == 1, result.stderr

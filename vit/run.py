@@ -88,6 +88,46 @@ def test_metrics(results: list[dict[str, float]]) -> Metrics:
     return {"test/acc": float(results[0]["test/acc"]), "test/loss": float(results[0]["test/loss"])}
 
 
+def resume_from(cfg: DictConfig, model_config: dict) -> str | None:
+    """The checkpoint to resume from, checked: readable, and of the same model as this run."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    path = find_last_checkpoint(cfg) if ckpt_path == "last" else checkpoints.resolve(ckpt_path)
+    trained = checkpoints.load(path)["hyper_parameters"]["config"]["model"]
+    if trained != model_config:
+        differ = sorted(k for k in set(trained) | set(model_config) if trained.get(k) != model_config.get(k))
+        raise ConfigError(
+            f"ckpt_path={path} holds another model ({', '.join(f'{k}={trained.get(k)}' for k in differ)}): "
+            "resume with the model.* settings it was trained with"
+        )
+    log.info("Resuming from %s", path)
+    return str(path)
+
+
+def find_last_checkpoint(cfg: DictConfig) -> Path:
+    """``ckpt_path=last``: the newest ``last.ckpt`` of an earlier run under ``paths.log_dir`` with the same config.
+
+    "The same" ignores ``ckpt_path`` and ``paths`` (where things are written, not what is trained).
+    """
+
+    def comparable(config: Any) -> dict:
+        return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k not in ("ckpt_path", "paths")}
+
+    want = comparable(cfg)
+    found = []
+    for config_file in Path(cfg.paths.log_dir).glob("**/.hydra/config.yaml"):
+        last = config_file.parent.parent / "checkpoints" / "last.ckpt"
+        if last.exists() and comparable(OmegaConf.load(config_file)) == want:
+            found.append(last)
+    if not found:
+        raise ConfigError(
+            f"ckpt_path=last: no earlier run under {cfg.paths.log_dir} with this config has checkpoints/last.ckpt: "
+            "give ckpt_path=RUN_DIR/checkpoints/last.ckpt"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def train(cfg: DictConfig) -> Metrics:
     """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
     max_epochs = cfg.trainer.get("max_epochs")
@@ -119,18 +159,19 @@ def train(cfg: DictConfig) -> Metrics:
     overrides = {} if datamodule.has_val else {"limit_val_batches": 0}
     trainer = build_trainer(cfg, callbacks, **overrides)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, saved["model"]), weights_only=True)
     checkpoint = trainer.checkpoint_callback
-    best_score = checkpoint.best_model_score if isinstance(checkpoint, ModelCheckpoint) else None
+    best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else None
+    best_score = checkpoint.best_model_score if best_path else None
     metrics: Metrics = {
         "val/acc": float(best_score) if datamodule.has_val and best_score is not None else None,
         "epochs": trainer.current_epoch,
-        "ckpt": (checkpoint.best_model_path or checkpoint.last_model_path) if isinstance(checkpoint, ModelCheckpoint) else None,
     }
     if trainer.interrupted:
         log.warning("Training was interrupted: skipping the test")
     elif cfg.get("test"):
-        ckpt_path = "best" if datamodule.has_val and metrics["ckpt"] else None
+        ckpt_path = "best" if datamodule.has_val and best_path else None
+        log.info("Testing %s", best_path if ckpt_path else "the final weights")
         metrics.update(test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)))
     report(metrics, cfg.paths.output_dir)
     return metrics

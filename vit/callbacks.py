@@ -1,0 +1,78 @@
+"""Callbacks that keep runs safe: checkpoints that survive resuming and Ctrl-C, a stop on a diverged loss, RNG state."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from vit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted.ckpt"
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or infinite; usually the learning rate is too high."""
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, made safe for runs that resume into a new run dir.
+
+    - Resuming carries the best-checkpoint record (score and path) over even though the new run
+      writes to another dir, so the final test uses the true best epoch, whichever run wrote it.
+    - Files outside this run's own dir (an earlier run's best) are never deleted.
+    - Ctrl-C saves ``interrupted.ckpt`` (mid-epoch) before the run exits.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_path = state_dict["best_model_path"]
+        self.best_k_models = dict(state_dict.get("best_k_models", {}))
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        if state_dict.get("dirpath") == self.dirpath:
+            self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        if self.dirpath is None or Path(previous).resolve().parent != Path(self.dirpath).resolve():
+            return False
+        return super()._should_remove_checkpoint(trainer, previous, current)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and self.dirpath is not None and trainer.global_step > 0:
+            path = str(Path(self.dirpath) / INTERRUPTED)
+            trainer.save_checkpoint(path)
+            print(f"\nInterrupted: saved {path}; resume with ckpt_path={path} (or the end of the last epoch: last.ckpt)")
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops at the first NaN/inf training loss, before its gradients reach the weights or a checkpoint."""
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                f"lower optim.lr (now {lr:g}) or set trainer.gradient_clip_val=1.0; the checkpoints saved before it are kept"
+            )
+
+
+class RngState(Callback):
+    """Stores the RNG states in each checkpoint, so a resumed run draws what the uninterrupted one would."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
