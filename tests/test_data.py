@@ -90,7 +90,7 @@ def test_image_size_resizes_on_the_device():
     assert dm.image_shape() == (3, 64, 64)
 
 
-def test_folder_data_classes_come_from_folders_and_are_cached(tmp_path):
+def test_folder_data_classes_come_from_folders_and_are_cached(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "images", classes=("ant", "bee", "cow"), per_class=5)
     # images of another size are resized when decoded
     Image.new("RGB", (50, 40), (255, 0, 0)).save(root / "train" / "cow" / "big.jpg")
@@ -103,8 +103,8 @@ def test_folder_data_classes_come_from_folders_and_are_cached(tmp_path):
     caches = sorted((tmp_path / "data" / "cache").glob("*.pt"))
     assert [p.name.split("-")[0] for p in caches] == ["test", "train"]
     # a second module reads the cache: break the decoder to prove it is not called
+    monkeypatch.setattr("vit.data.decode_image", None)
     again = FolderDataModule(root=str(root), data_dir=str(tmp_path / "data"), val_size=4)
-    again._decode = None
     again.setup()
     assert torch.equal(again.test_set.images, dm.test_set.images)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,34 @@ class RngState(Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class RunStats(Callback):
+    """Training time, throughput and the per-epoch validation curve, for reports; kept across resumes."""
+
+    def __init__(self) -> None:
+        self.train_time_s = 0.0  # wall time inside training steps (data, forward, backward, optimizer)
+        self.images = 0
+        self.history: list[dict[str, float]] = []
+        self._batch_start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_time_s += time.perf_counter() - self._batch_start
+        self.images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss_epoch", "train/acc", "val/loss", "val/acc")}
+        self.history.append({"epoch": trainer.current_epoch, **metrics})
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.images / self.train_time_s if self.train_time_s > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_time_s": self.train_time_s, "images": self.images, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_time_s, self.images, self.history = state_dict["train_time_s"], state_dict["images"], list(state_dict["history"])

@@ -26,6 +26,6 @@ def run_reporting_errors(task: Callable[[DictConfig], Any], cfg: DictConfig) -> 
     except ConfigError as e:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("%s", e)
-            raise
+            raise e.with_traceback(None) from None  # the sweep report has the message; no traceback wall
         print(f"Error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -79,6 +79,34 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None 
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def to_model_input(
+    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor, image_size: int | None = None, crop_padding: int | None = None
+) -> Tensor:
+    """uint8 (b, c, h, w) -> float (b, c, s, s): scaled to [0, 1], resized to ``image_size``,
+    augmented when ``crop_padding`` is given, normalised. Training, testing and predict share it."""
+    x = images.float().div_(255)
+    if image_size is not None and x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    if crop_padding is not None:
+        x = random_crop_flip(x, crop_padding)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def decode_image(path: str | Path, size: int) -> Tensor:
+    """Any image file (grayscale, RGBA, palette, any size) -> uint8 (3, size, size), as the folder data stores it."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # h w c -> c h w
+
+
 class ImageDataModule(L.LightningDataModule):
     """Base: holds train/test uint8 tensors, splits off a seeded validation set, prepares batches on the device.
 
@@ -171,12 +199,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def preprocess(self, images: Tensor, augment: bool = False) -> Tensor:
         """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input."""
-        x = images.float().div_(255)
-        if self.image_size is not None and x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
-        if augment:
-            x = random_crop_flip(x, self.crop_padding)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return to_model_input(images, self.mean, self.std, self.image_size, self.crop_padding if augment else None)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
@@ -272,7 +295,7 @@ class FolderDataModule(ImageDataModule):
             data = torch.load(cache, weights_only=True)
             return data["images"], data["labels"]
         log.info("Decoding %d images under %s (once; cached in %s)", len(files), self.root / split, cache)
-        images = torch.stack([self._decode(path) for path, _ in files])
+        images = torch.stack([decode_image(path, self.stored_size) for path, _ in files])
         labels = torch.tensor([label for _, label in files], dtype=torch.long)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -289,18 +312,6 @@ class FolderDataModule(ImageDataModule):
             stat = path.stat()
             digest.update(f"{path.name}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         return Path(self.data_dir) / "cache" / f"{split}-{digest.hexdigest()[:16]}.pt"
-
-    def _decode(self, path: Path) -> Tensor:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (self.stored_size, self.stored_size):
-                    image = image.resize((self.stored_size, self.stored_size), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read image {path}: {e}") from None
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # h w c -> c h w
-
 
 class FakeDataModule(ImageDataModule):
     """Synthetic images of CIFAR-10's shape: each class is a smooth colour template plus noise, so it can be learnt.

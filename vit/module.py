@@ -78,11 +78,12 @@ class ClassifierModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         loss, preds, y = self._step(batch)
         self.test_acc(preds, y)
         self.log("test/loss", loss, on_epoch=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
+        return {"preds": preds}  # for callbacks that draw test figures
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

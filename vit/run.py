@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vit import checkpoints
+from vit import checkpoints, report
+from vit.callbacks import RunStats
 from vit.data import ImageDataModule
 from vit.errors import ConfigError
 from vit.module import ClassifierModule
@@ -74,7 +75,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, **overrides: Any) -> L.Train
     return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
 
 
-def report(metrics: Metrics, output_dir: str | Path) -> None:
+def report_metrics(metrics: Metrics, output_dir: str | Path) -> None:
     """Prints the manual's closing line and writes ``metrics.json`` into the run dir."""
     if metrics.get("test/acc") is not None:
         print(f"Accuracy on test set: {100 * metrics['test/acc']:.2f}%")
@@ -141,6 +142,7 @@ def train(cfg: DictConfig) -> Metrics:
     net = build_net(cfg.model, datamodule.num_classes)
     saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
     saved["model"]["n_classes"] = datamodule.num_classes
+    saved["classes"] = list(datamodule.classes)
     module = ClassifierModule(
         net,
         optimizer=build(cfg.optim, "optim"),
@@ -151,13 +153,10 @@ def train(cfg: DictConfig) -> Metrics:
     datamodule.setup("fit")
     check_input_shape(datamodule, net)
 
-    callbacks = []
-    for name, node in (cfg.get("callbacks") or {}).items():
-        # Without a validation split there is nothing to monitor: keep the last epoch's checkpoint.
-        no_val = {"monitor": None, "filename": "epoch{epoch:03d}"} if not datamodule.has_val and node.get("monitor") else {}
-        callbacks.append(build(node, f"callbacks.{name}", **no_val))
-    overrides = {} if datamodule.has_val else {"limit_val_batches": 0}
-    trainer = build_trainer(cfg, callbacks, **overrides)
+    # Without a validation split there is nothing to monitor: keep the last epoch's checkpoint.
+    no_val = {} if datamodule.has_val else {"monitor": None, "filename": "epoch{epoch:03d}"}
+    callbacks = [build(node, f"callbacks.{name}", **(no_val if node.get("monitor") else {})) for name, node in (cfg.get("callbacks") or {}).items()]
+    trainer = build_trainer(cfg, callbacks, **({} if datamodule.has_val else {"limit_val_batches": 0}))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, saved["model"]), weights_only=True)
     checkpoint = trainer.checkpoint_callback
@@ -173,13 +172,58 @@ def train(cfg: DictConfig) -> Metrics:
         ckpt_path = "best" if datamodule.has_val and best_path else None
         log.info("Testing %s", best_path if ckpt_path else "the final weights")
         metrics.update(test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)))
-    report(metrics, cfg.paths.output_dir)
+    report_metrics(metrics, cfg.paths.output_dir)
+    write_run_info(trainer, net, best_path, cfg.paths.output_dir)
+    log_hparams(trainer, cfg, net, metrics)
     return metrics
 
 
+def write_run_info(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None, output_dir: str) -> None:
+    """``run.json``: what the sweep report shows beside the metrics (kept out of metrics.json, which must not vary with timing)."""
+    stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
+    info = {
+        "params": sum(p.numel() for p in net.parameters()),
+        "ckpt": best_path or None,
+        "train_time_s": round(stats.train_time_s, 3) if stats else None,
+        "images_per_s": round(stats.images_per_s, 1) if stats and stats.images_per_s else None,
+        "history": stats.history if stats else [],
+    }
+    (Path(output_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metrics: Metrics) -> None:
+    """TensorBoard's HPARAMS tab: the settings people compare, with the run's real final metrics."""
+    scheduler = cfg.get("scheduler")
+    hparams = {
+        "max_epochs": cfg.trainer.max_epochs,
+        "batch_size": cfg.data.batch_size,
+        "lr": cfg.optim.lr,
+        "optimizer": str(cfg.optim._target_).rsplit(".", 1)[-1],
+        "weight_decay": cfg.optim.get("weight_decay", 0.0),
+        "scheduler": str(scheduler._target_).rsplit(".", 1)[-1] if scheduler else "none",
+        "data": str(cfg.data._target_).rsplit(".", 1)[-1],
+        "augment": cfg.data.get("augment", False),
+        "val_size": cfg.data.val_size,
+        "params": sum(p.numel() for p in net.parameters()),
+        **{f"model/{k}": cfg.model[k] for k in ("patch_size", "emb_size", "depth", "num_heads", "seed_attention") if k in cfg.model},
+        "seed": cfg.get("seed"),
+    }
+    final = {k: v for k, v in metrics.items() if k in ("val/acc", "test/acc", "test/loss") and v is not None}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams, metrics=final)
+        logger.finalize("success")
+
+
 def test(cfg: DictConfig) -> Metrics:
-    """Evaluates a checkpoint on the test split of the data it was trained on (or ``data=...``)."""
-    path = checkpoints.resolve(cfg.get("ckpt"))
+    """Evaluates a checkpoint (or every job of a sweep dir) on the test split of the data it was trained on (or ``data=...``)."""
+    if cfg.get("ckpt") and report.is_sweep_dir(cfg.ckpt):
+        return test_sweep(cfg, Path(cfg.ckpt))
+    metrics = test_checkpoint(cfg, checkpoints.resolve(cfg.get("ckpt")))
+    report_metrics(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+def test_checkpoint(cfg: DictConfig, path: Path) -> Metrics:
     checkpoint = checkpoints.load(path)
     config = checkpoint["hyper_parameters"]["config"]
     log.info("Testing %s", path)
@@ -197,7 +241,20 @@ def test(cfg: DictConfig) -> Metrics:
         raise ConfigError(f"{path} does not match its own model config: {str(e).splitlines()[0]}") from None
     datamodule.setup("test")
     check_input_shape(datamodule, net)
-    trainer = build_trainer(cfg, callbacks=[])
-    metrics: Metrics = {"ckpt": str(path), **test_metrics(trainer.test(module, datamodule=datamodule))}
-    report(metrics, cfg.paths.output_dir)
-    return metrics
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    trainer = build_trainer(cfg, callbacks=callbacks)
+    return {"ckpt": str(path), **test_metrics(trainer.test(module, datamodule=datamodule))}
+
+
+def test_sweep(cfg: DictConfig, sweep_dir: Path) -> Metrics:
+    """Tests every job's best checkpoint; writes and prints the sweep table with the fresh test figures."""
+    rows, extra = report.collect(sweep_dir)
+    results: Metrics = {}
+    for row in rows:
+        if row["ckpt"] and Path(row["ckpt"]).exists():
+            fresh = test_checkpoint(cfg, Path(row["ckpt"]))
+            row.update(test_acc=fresh["test/acc"], test_loss=fresh["test/loss"])
+            results[row["job"]] = fresh
+    table = report.write(rows, extra, Path(cfg.paths.output_dir), title=f"Sweep {sweep_dir}, tested again")
+    print(table)
+    return results

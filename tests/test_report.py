@@ -1,0 +1,165 @@
+"""Assignment step 5: the sweep report, TensorBoard's HPARAMS and test images, test.py on a sweep, predict."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import ROOT, TINY, run_script
+from vit import predict, report
+from vit.model import ViT
+
+SWEEP_SMALL = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
+    "data.train_size=128",
+    "data.val_size=32",
+    "data.test_size=32",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
+
+
+@pytest.fixture(scope="module")
+def design_card_sweep(tmp_path_factory) -> Path:
+    """The design-card sweep, shrunk: 2 x 2 x 2 jobs on fake data."""
+    sweep = tmp_path_factory.mktemp("sweep") / "sweep"
+    result = run_script(
+        "train.py", "-m", "trainer.max_epochs=2,3", "data.batch_size=32,64", "optim.lr=1e-3,1e-4", *SWEEP_SMALL, f"hydra.sweep.dir={sweep}", timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Sweep report:" in result.stdout
+    return sweep
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_makes_eight_job_dirs(design_card_sweep):
+    jobs = report.job_dirs(design_card_sweep)
+    assert [j.name for j in jobs] == [str(i) for i in range(8)]
+    for job in jobs:
+        assert (job / "metrics.json").exists() and (job / "checkpoints" / "last.ckpt").exists()
+        assert list(job.rglob("events.out.tfevents.*"))
+
+
+def test_report_has_a_row_per_job_with_its_metrics(design_card_sweep):
+    rows = read_csv(design_card_sweep / "summary.csv")
+    assert list(rows[0]) == report.COLUMNS  # nothing else varies in this sweep
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert {(r["max_epochs"], r["batch_size"], r["lr"]) for r in rows} == {
+        (e, b, lr) for e in ("2", "3") for b in ("32", "64") for lr in ("0.001", "0.0001")
+    }
+    for row in rows:
+        metrics = json.loads((design_card_sweep / row["job"] / "metrics.json").read_text())
+        assert float(row["val_acc"]) == pytest.approx(metrics["val/acc"])
+        assert float(row["test_acc"]) == pytest.approx(metrics["test/acc"])
+        assert float(row["test_loss"]) == pytest.approx(metrics["test/loss"])
+        assert int(row["epochs"]) == metrics["epochs"] == int(row["max_epochs"])
+        assert float(row["train_time_s"]) > 0 and float(row["images_per_s"]) > 0 and int(row["params"]) > 0
+        assert Path(row["ckpt"]).exists()
+    val = [float(r["val_acc"]) for r in rows]
+    assert val == sorted(val, reverse=True)
+    md = (design_card_sweep / "summary.md").read_text()
+    assert f"**{rows[0]['job']} (best)**" in md and md.count("\n| ") == 9
+    assert Image.open(design_card_sweep / "summary.png").size[0] > 800
+
+
+def test_event_files_carry_hparams_and_test_images(design_card_sweep):
+    job = design_card_sweep / "0"
+    metrics = json.loads((job / "metrics.json").read_text())
+    events = EventAccumulator(str(job / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"test/confusion_matrix", "test/predictions"} <= set(events.Tags()["images"])
+    hparams = {}
+    for raw in events.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        if data.HasField("session_start_info"):
+            hparams = dict(data.session_start_info.hparams)
+        if data.HasField("experiment"):
+            assert {m.name.tag for m in data.experiment.metric_infos} == {"val/acc", "test/acc", "test/loss"}
+    assert hparams["max_epochs"].number_value == 2 and hparams["lr"].number_value == pytest.approx(1e-3)
+    assert hparams["optimizer"].string_value == "Adam" and hparams["params"].number_value > 0
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
+    assert "hp_metric" not in events.Tags()["scalars"]
+
+
+def test_report_rebuilds_an_interrupted_sweep(design_card_sweep, tmp_path):
+    sweep = tmp_path / "copy"
+    shutil.copytree(design_card_sweep, sweep)
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        (sweep / name).unlink()
+    (sweep / "5" / "metrics.json").unlink()  # killed before it finished
+    (sweep / "5" / "job.json").unlink()
+    assert report.main([str(sweep)]) == 0
+    rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
+    assert len(rows) == 8 and rows["5"]["status"] == report.NO_RESULT and rows["5"]["test_acc"] == ""
+    assert (sweep / "summary.png").exists() and (sweep / "summary.md").exists()
+    assert report.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_test_script_on_a_sweep_prints_the_table(design_card_sweep, tmp_path):
+    result = run_script("test.py", f"ckpt={design_card_sweep}", f"hydra.run.dir={tmp_path / 'test'}", "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| job | max_epochs | batch_size | lr | status |" in result.stdout
+    rows = read_csv(tmp_path / "test" / "summary.csv")
+    original = {r["job"]: r for r in read_csv(design_card_sweep / "summary.csv")}
+    assert len(rows) == 8
+    for row in rows:
+        assert float(row["test_acc"]) == pytest.approx(float(original[row["job"]]["test_acc"]))
+
+
+def test_a_failing_job_keeps_its_row_and_the_others_run(tmp_path):
+    result = run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "optim.lr=-1,1e-3", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 1  # Hydra reports that a job failed, after running all of them
+    assert "Traceback" not in result.stderr or result.stderr.count('File "') <= 2
+    rows = {r["job"]: r for r in read_csv(tmp_path / "summary.csv")}
+    assert rows["0"]["status"] == "failed: optim.lr must be > 0, got -1" and rows["0"]["test_acc"] == ""
+    assert rows["1"]["status"] == "ok" and float(rows["1"]["test_acc"]) >= 0
+    assert list(rows) == ["1", "0"]  # the good job first
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.png").exists()
+
+
+def test_rollout_rows_sum_to_one():
+    torch.manual_seed(0)
+    net = ViT(patch_size=8, emb_size=32, img_size=32, depth=3, n_classes=4, num_heads=4).eval()
+    rollout = net.attention_rollout(torch.randn(2, 3, 32, 32))
+    assert rollout.shape == (2, 17, 17)
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 17))
+    assert (rollout >= 0).all()
+    assert all(not m.keep_attention and m.last_attention is None for m in net.attention_modules())
+    saliency = predict.patch_saliency(net, torch.randn(1, 3, 32, 32))
+    assert saliency.shape == (1, 4, 4) and saliency.max() == pytest.approx(1.0)
+
+
+def test_predict_agrees_with_the_model(trained_run, make_cfg, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (50, 70), 128).save(images / "gray.png")  # grayscale, another size
+    Image.new("RGBA", (32, 32), (200, 10, 10, 128)).save(images / "rgba.png")
+    torch.manual_seed(1)
+    pixels = (torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(images / "noise.jpg", quality=95)
+    cfg = make_cfg([f"ckpt={trained_run}", f"image={images}", "top_k=3", "attention=true"], name="predict", tiny=False, run="predict")
+    results = predict.predict(cfg)
+    assert [Path(r["image"]).name for r in results] == ["gray.png", "noise.jpg", "rgba.png"]
+    net, config = predict.load_net(next((trained_run / "checkpoints").glob("epoch*.ckpt")))
+    files = [Path(r["image"]) for r in results]
+    _, x = predict.model_input(files, config["data"])
+    with torch.no_grad():
+        probs = net(x).softmax(-1)
+    for result, p in zip(results, probs):
+        assert len(result["top"]) == 3
+        name, prob = result["top"][0]
+        assert name == config["classes"][int(p.argmax())] and prob == pytest.approx(float(p.max()), abs=1e-6)
+        assert Path(result["attention"]).exists()
+    rows = read_csv(tmp_path / "predict" / "predictions.csv")
+    assert [Path(r["image"]).name for r in rows] == ["gray.png", "noise.jpg", "rgba.png"]
+    assert "gray.png: " in capsys.readouterr().out

@@ -1,0 +1,140 @@
+"""Classify images with a trained checkpoint, the manual's penguin demo done with a trained model.
+
+    python -m vit.predict ckpt=RUN_DIR_OR_FILE image=PATH_OR_DIR [top_k=5] [attention=true]
+
+Any image (any size, grayscale, RGBA, PNG or JPEG) becomes the model's input exactly as the
+training data did. A directory gets a ``predictions.csv``; ``attention=true`` writes an
+attention-rollout overlay PNG per image. Outputs go to ``outputs/predict/<date>/<time>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from vit import checkpoints
+from vit.cli import run_reporting_errors
+from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
+from vit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def load_net(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained net (eval mode) and its run config, from a checkpoint alone."""
+    checkpoint = checkpoints.load(path)
+    config = checkpoint["hyper_parameters"]["config"]
+    net = instantiate(config["model"])
+    weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(weights)
+    return net.eval(), config
+
+
+def image_files(path: str | None) -> list[Path]:
+    if not path:
+        raise ConfigError("no image given: image=PATH (a file, or a directory of images)")
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise ConfigError(f"image={root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    return files
+
+
+def model_input(files: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images as stored for training, their model input)."""
+    images = torch.stack([decode_image(f, data.get("stored_size", 32)) for f in files])
+    return images, to_model_input(images, data["mean"], data["std"], data.get("image_size"))
+
+
+def overlay(image: torch.Tensor, saliency: torch.Tensor, title: str, path: Path) -> None:
+    """Writes the image with the rollout heat map over it, side by side with the image alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picture = image.permute(1, 2, 0).numpy()
+    heat = torch.nn.functional.interpolate(saliency[None, None], size=picture.shape[:2], mode="bilinear")[0, 0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.2), dpi=100)
+    left.imshow(picture, interpolation="nearest")
+    left.set_title("input", fontsize=9)
+    right.imshow(picture, interpolation="nearest")
+    right.imshow(heat.numpy(), cmap="jet", alpha=0.5, interpolation="bilinear")
+    right.set_title("attention rollout", fontsize=9)
+    for ax in (left, right):
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for every image; returns one dict per image."""
+    if not isinstance(cfg.top_k, int) or cfg.top_k < 1:
+        raise ConfigError(f"top_k must be an integer >= 1, got {cfg.top_k!r}")
+    net, config = load_net(checkpoints.resolve(cfg.get("ckpt")))
+    classes = config.get("classes") or [f"class{i}" for i in range(net.n_classes)]
+    files = image_files(cfg.get("image"))
+    out_dir = Path(cfg.paths.output_dir)
+    results = []
+    for start in range(0, len(files), cfg.batch_size):
+        batch = files[start : start + cfg.batch_size]
+        images, x = model_input(batch, config["data"])
+        with torch.no_grad():
+            probs = net(x).softmax(dim=-1)
+        top = probs.topk(min(cfg.top_k, len(classes)), dim=-1)
+        saliency = patch_saliency(net, x) if cfg.attention else None
+        for i, path in enumerate(batch):
+            ranked = [(classes[j], float(p)) for p, j in zip(top.values[i], top.indices[i])]
+            result = {"image": str(path), "top": ranked}
+            print(f"{path}: " + ", ".join(f"{name} {100 * p:.2f}%" for name, p in ranked))
+            if saliency is not None:
+                target = out_dir / "attention" / f"{start + i:05d}_{path.stem}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                overlay(images[i], saliency[i], f"{path.name}: {ranked[0][0]} {100 * ranked[0][1]:.1f}%", target)
+                print(f"  attention overlay: {target}")
+                result["attention"] = str(target)
+            results.append(result)
+    if len(files) > 1 or Path(cfg.image).is_dir():
+        write_csv(results, out_dir / "predictions.csv")
+    return results
+
+
+def patch_saliency(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(b, h, w) share of each patch in the pooled output; the head averages all tokens, so the rollout rows are averaged."""
+    rollout = net.attention_rollout(x)  # b n n
+    weights = rollout.mean(dim=1)[:, 1:]  # drop the class token's column
+    side = int(weights.shape[-1] ** 0.5)
+    weights = weights.view(-1, side, side)
+    return weights / weights.amax(dim=(1, 2), keepdim=True)
+
+
+def write_csv(results: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prediction", "probability", "top_k"])
+        for r in results:
+            writer.writerow([r["image"], r["top"][0][0], f"{r['top'][0][1]:.4f}", ";".join(f"{n}:{p:.4f}" for n, p in r["top"])])
+    print(f"Predictions written to {path}")
+
+
+@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> list[dict[str, Any]]:
+    return run_reporting_errors(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The sweep report (assignment step 5): one row per job, best first, as CSV, Markdown and a plot.
+
+Each job leaves ``metrics.json`` and ``run.json`` in its dir; the Hydra callback ``SweepReport``
+adds ``job.json`` (ok / failed) when a job ends and rebuilds the report from all job dirs, so it is
+complete after every job, also when a later job fails or the sweep is killed.
+``python -m vit.report SWEEP_DIR`` rebuilds it for any sweep dir, old or interrupted ones too.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["job", "max_epochs", "batch_size", "lr", "status", "val_acc", "test_acc", "test_loss", "epochs", "train_time_s", "images_per_s", "params", "ckpt"]
+SWEPT_BY_COLUMNS = {"trainer.max_epochs", "data.batch_size", "optim.lr"}
+NO_RESULT = "failed: no result (interrupted, or still running)"
+
+
+def job_dirs(sweep_dir: str | Path) -> list[Path]:
+    jobs = [p for p in Path(sweep_dir).iterdir() if (p / ".hydra" / "config.yaml").exists()]
+    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def is_sweep_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and not (path / ".hydra").is_dir() and ((path / "multirun.yaml").exists() or bool(job_dirs(path)))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    lines = OmegaConf.load(job / ".hydra" / "overrides.yaml") if (job / ".hydra" / "overrides.yaml").exists() else []
+    return dict(str(line).split("=", 1) for line in lines if "=" in str(line) and not str(line).startswith("hydra."))
+
+
+def job_row(job: Path) -> dict[str, Any]:
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    metrics, info, status = _read_json(job / "metrics.json"), _read_json(job / "run.json"), _read_json(job / "job.json")
+    return {
+        "job": job.name,
+        "max_epochs": OmegaConf.select(config, "trainer.max_epochs"),
+        "batch_size": OmegaConf.select(config, "data.batch_size"),
+        "lr": OmegaConf.select(config, "optim.lr"),
+        "status": status.get("status") or ("ok" if metrics else NO_RESULT),
+        "val_acc": metrics.get("val/acc"),
+        "test_acc": metrics.get("test/acc"),
+        "test_loss": metrics.get("test/loss"),
+        "epochs": metrics.get("epochs"),
+        "train_time_s": info.get("train_time_s"),
+        "images_per_s": info.get("images_per_s"),
+        "params": info.get("params"),
+        "ckpt": info.get("ckpt"),
+        "history": info.get("history", []),  # for the plot, not a column
+    }
+
+
+def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows sorted best first (by val_acc, then test_acc; jobs without either last), and the extra columns:
+    every other override whose value differs between jobs."""
+    jobs = job_dirs(sweep_dir)
+    rows = [job_row(job) for job in jobs]
+    overrides = [_overrides(job) for job in jobs]
+    keys = sorted({k for o in overrides for k in o} - SWEPT_BY_COLUMNS)
+    extra = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
+    for row, o in zip(rows, overrides):
+        row.update({k: o.get(k) for k in extra})
+    rows.sort(key=lambda r: (r["val_acc"] is None and r["test_acc"] is None, -(r["val_acc"] or -1), -(r["test_acc"] or -1)))
+    return rows, extra
+
+
+def _cell(value: Any, column: str = "") -> str:
+    if value is None:
+        return ""
+    if column in ("val_acc", "test_acc", "test_loss"):
+        return f"{value:.4f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict[str, Any]], extra: list[str], title: str) -> str:
+    columns = COLUMNS + extra
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for i, row in enumerate(rows):
+        cells = [_cell(row.get(c), c) for c in columns]
+        if i == 0 and row["status"] == "ok":
+            cells[0] = f"**{cells[0]} (best)**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict[str, Any]], extra: list[str], out_dir: Path, title: str) -> str:
+    """summary.csv, summary.md and summary.png in ``out_dir``; returns the Markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "summary.csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(out_dir / "summary.csv.tmp", out_dir / "summary.csv")
+    table = markdown(rows, extra, title)
+    (out_dir / "summary.md").write_text(table)
+    plot(rows, extra, out_dir / "summary.png", title)
+    return table
+
+
+def _label(row: dict[str, Any], extra: list[str]) -> str:
+    parts = [f"job {row['job']}", f"ep {row['max_epochs']}", f"bs {row['batch_size']}", f"lr {row['lr']:g}" if isinstance(row["lr"], float) else f"lr {row['lr']}"]
+    return ", ".join(parts + [f"{k.rsplit('.', 1)[-1]} {row.get(k)}" for k in extra])
+
+
+def plot(rows: list[dict[str, Any]], extra: list[str], path: Path, title: str) -> None:
+    """Left: test accuracy per configuration (best at the top); right: val accuracy per epoch of every job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(14, 1.5 + 0.45 * max(len(rows), 4)), dpi=100)
+    labels = [_label(r, extra) for r in rows][::-1]
+    values = [100 * (r["test_acc"] or 0) for r in rows][::-1]
+    colors = ["tab:green" if i == len(rows) - 1 else ("tab:blue" if r["status"] == "ok" else "tab:red") for i, r in enumerate(rows[::-1])]
+    bars.barh(labels, values, color=colors)
+    for y, (value, row) in enumerate(zip(values, rows[::-1])):
+        bars.text(value + 0.5, y, f"{value:.2f}%" if row["test_acc"] is not None else row["status"][:40], va="center", fontsize=8)
+    bars.set_xlabel("test accuracy (%)")
+    bars.set_xlim(0, 110)
+    bars.set_title("test accuracy per configuration (green: best by val acc)")
+    for row in rows:
+        points = [(h["epoch"] + 1, 100 * h["val/acc"]) for h in row["history"] if "val/acc" in h]
+        if points:
+            curves.plot(*zip(*points), marker="o", markersize=3, label=_label(row, extra))
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("val accuracy (%)")
+    curves.set_title("val accuracy per epoch")
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def rebuild(sweep_dir: str | Path) -> str:
+    """Rebuilds the report of a sweep dir from its job dirs, under a lock (parallel launchers end jobs at once)."""
+    sweep_dir = Path(sweep_dir)
+    with open(sweep_dir / ".report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows, extra = collect(sweep_dir)
+        return write(rows, extra, sweep_dir, title=f"Sweep {sweep_dir}")
+
+
+def _is_rank_zero() -> bool:
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK"))
+
+
+class SweepReport(Callback):
+    """Hydra callback: after each job of a multirun, records its status and rebuilds the sweep report."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
+        if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or not _is_rank_zero():
+            return
+        if job_return.status == JobStatus.COMPLETED:
+            status = "ok"
+        else:
+            error = str(job_return._return_value).strip() or type(job_return._return_value).__name__
+            status = f"failed: {error.splitlines()[0]}"
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        (job_dir / "job.json").write_text(json.dumps({"status": status}) + "\n")
+        try:
+            rebuild(hydra_cfg.sweep.dir)
+            log.info("Job %s %s; sweep report updated: %s", job_dir.name, status, Path(hydra_cfg.sweep.dir) / "summary.md")
+        except Exception as e:  # noqa: BLE001 - a broken report must never take a sweep down
+            log.warning("Could not rebuild the sweep report: %s", e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and _is_rank_zero():
+            print(rebuild(sweep_dir))
+            print(f"Sweep report: {sweep_dir / 'summary.md'} (also summary.csv, summary.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not is_sweep_dir(args[0]):
+        print("usage: python -m vit.report SWEEP_DIR  (a dir of job dirs, e.g. outputs/multirun/<date>/<time>)", file=sys.stderr)
+        return 2
+    print(rebuild(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
