@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import CONF, make_image_folder
 from vit.model import ViT
+from vit.run import build_net
 
 
 def options(group: str) -> list[str]:
@@ -40,14 +41,14 @@ def test_data_options_instantiate(make_cfg, tmp_path, option):
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options_instantiate(make_cfg, option):
     cfg = make_cfg([f"model={option}"], tiny=False)
-    net = instantiate(cfg.model, n_classes=10)
+    net = build_net(cfg.model, 10)
     assert isinstance(net, ViT) and net.n_classes == 10
 
 
 def test_model_configs_give_the_manuals_models(make_cfg):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(instantiate(make_cfg(tiny=False).model, n_classes=10)) == 607_946
-    assert count(instantiate(make_cfg(["model=vit_base"], tiny=False).model, n_classes=1000)) == 86_567_656
+    assert count(build_net(make_cfg(tiny=False).model, 10)) == 607_946
+    assert count(build_net(make_cfg(["model=vit_base"], tiny=False).model, 1000)) == 86_567_656
 
 
 @pytest.mark.parametrize("option", options("optim"))

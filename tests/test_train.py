@@ -5,6 +5,7 @@ from pathlib import Path
 from urllib.error import URLError
 
 import pytest
+import torch
 
 from tests.conftest import make_image_folder, run_script
 from vit.cli import run_reporting_errors
@@ -113,3 +114,13 @@ def test_train_script_bad_value_is_one_line(tmp_path):
     result = run_script("train.py", "data=fake", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["Error: optim.lr must be > 0, got -1"]
+
+
+def test_compiled_model_checkpoint_loads_with_test_py(make_cfg, tmp_path):
+    cfg = make_cfg(["model.compile=true", "trainer.max_epochs=1", "data.train_size=128"])
+    metrics = train(cfg)
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)
+    result = run_script("test.py", f"ckpt={cfg.paths.output_dir}", f"hydra.run.dir={tmp_path / 'test'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Accuracy on test set: {100 * metrics['test/acc']:.2f}%" in result.stdout

@@ -92,7 +92,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask``: bool, broadcastable to (b, h, q, k); True where a query may attend to a key."""
         # b n (h d qkv) -> qkv b h n d
-        queries, keys, values = rearrange(self.qkv(x), "b n (h d qkv) -> qkv b h n d", h=self.num_heads, qkv=3)
+        # one copy makes q, k and v contiguous, which the fused CPU and GPU kernels need (qkv is the fastest axis here)
+        queries, keys, values = rearrange(self.qkv(x), "b n (h d qkv) -> qkv b h n d", h=self.num_heads, qkv=3).contiguous()
         # The manual's formula is softmax(q k^T) / sqrt(emb_size): a softmax at scale 1, then a constant factor.
         scale = 1.0 if self.seed_attention else None
         if self.fused and not self.keep_attention:

@@ -43,9 +43,10 @@ class ClassifierModule(L.LightningModule):
         if num_classes is None:
             raise ValueError("num_classes is needed when the net has no n_classes attribute")
         self.save_hyperparameters({"config": config}, logger=False)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: the checks call torch.unique on every batch, a host sync on a GPU
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
 
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
         """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""
@@ -67,21 +68,21 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, preds, y = self._step(batch)
-        self.train_acc(preds, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.train_acc.update(preds, y)  # update, not forward: no per-batch accuracy nobody logs
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, y = self._step(batch)
-        self.val_acc(preds, y)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.val_acc.update(preds, y)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         loss, preds, y = self._step(batch)
-        self.test_acc(preds, y)
-        self.log("test/loss", loss, on_epoch=True)
+        self.test_acc.update(preds, y)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
         self.log("test/acc", self.test_acc, on_epoch=True)
         return {"preds": preds}  # for callbacks that draw test figures
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vit import checkpoints
 from vit.cli import run_reporting_errors
 from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
 from vit.errors import ConfigError
+from vit.run import build_net
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_net(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained net (eval mode) and its run config, from a checkpoint alone."""
     checkpoint = checkpoints.load(path)
     config = checkpoint["hyper_parameters"]["config"]
-    net = instantiate(config["model"])
+    net = build_net({**config["model"], "compile": False})
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(weights)
     return net.eval(), config

@@ -39,15 +39,26 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def build_net(model_cfg: Any, num_classes: int) -> torch.nn.Module:
-    """The net with ``n_classes`` taken from the data; an explicit value that disagrees is an error."""
-    n_classes = model_cfg.get("n_classes")
-    if n_classes is not None and n_classes != num_classes:
-        raise ConfigError(
-            f"model.n_classes={n_classes} but the data has {num_classes} classes: "
-            f"drop model.n_classes (it follows the data) or set model.n_classes={num_classes}"
-        )
-    return build(model_cfg, "model", n_classes=num_classes)
+def build_net(model_cfg: Any, num_classes: int | None = None) -> torch.nn.Module:
+    """The net with ``n_classes`` taken from the data (an explicit value that disagrees is an error).
+
+    ``model.compile=true`` compiles the net in place (``nn.Module.compile``), so its state_dict keys,
+    and so every checkpoint, are the same as without it.
+    """
+    options = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
+    compile_net = options.pop("compile", False)
+    n_classes = options.get("n_classes")
+    if num_classes is not None:
+        if n_classes is not None and n_classes != num_classes:
+            raise ConfigError(
+                f"model.n_classes={n_classes} but the data has {num_classes} classes: "
+                f"drop model.n_classes (it follows the data) or set model.n_classes={num_classes}"
+            )
+        options["n_classes"] = num_classes
+    net = build(options, "model")
+    if compile_net:
+        net.compile()
+    return net
 
 
 def check_input_shape(datamodule: ImageDataModule, net: torch.nn.Module) -> None:
@@ -95,7 +106,8 @@ def resume_from(cfg: DictConfig, model_config: dict) -> str | None:
     if not ckpt_path:
         return None
     path = find_last_checkpoint(cfg) if ckpt_path == "last" else checkpoints.resolve(ckpt_path)
-    trained = checkpoints.load(path)["hyper_parameters"]["config"]["model"]
+    trained = {k: v for k, v in checkpoints.load(path)["hyper_parameters"]["config"]["model"].items() if k != "compile"}
+    model_config = {k: v for k, v in model_config.items() if k != "compile"}
     if trained != model_config:
         differ = sorted(k for k in set(trained) | set(model_config) if trained.get(k) != model_config.get(k))
         raise ConfigError(
@@ -140,6 +152,8 @@ def train(cfg: DictConfig) -> Metrics:
 
     datamodule: ImageDataModule = build(cfg.data, "data")
     net = build_net(cfg.model, datamodule.num_classes)
+    if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
     saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
     saved["model"]["n_classes"] = datamodule.num_classes
     saved["classes"] = list(datamodule.classes)
@@ -228,7 +242,7 @@ def test_checkpoint(cfg: DictConfig, path: Path) -> Metrics:
     config = checkpoint["hyper_parameters"]["config"]
     log.info("Testing %s", path)
     datamodule: ImageDataModule = build(cfg.data if cfg.get("data") else config["data"], "data")
-    net = build(config["model"], "model")
+    net = build_net({**config["model"], "compile": False})
     if datamodule.num_classes != net.n_classes:
         raise ConfigError(
             f"the checkpoint's model has {net.n_classes} classes but the data has {datamodule.num_classes}: "
