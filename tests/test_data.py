@@ -6,7 +6,8 @@ from PIL import Image
 from torchvision import transforms
 
 from tests.conftest import make_image_folder
-from vit.data import CIFAR10DataModule, EpochBatches, FakeDataModule, FolderDataModule, random_crop_flip
+from vit.augment import random_crop_flip
+from vit.data import CIFAR10DataModule, EpochBatches, FakeDataModule, FolderDataModule
 from vit.errors import ConfigError
 
 

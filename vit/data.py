@@ -22,6 +22,7 @@ from torch import Tensor
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vit.augment import random_crop_flip, trivial_augment
 from vit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,31 +65,24 @@ class EpochBatches:
         yield from order.split(self.batch_size)
 
 
-def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
-    """Zero-pad, crop back to size at a random offset and flip half, each image drawn on its own."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
-    rows = dy + torch.arange(h, device=x.device)  # b h
-    cols = dx + torch.arange(w, device=x.device)  # b w
-    flip = torch.rand(b, 1, device=x.device, generator=generator) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    channel = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-
-
 def to_model_input(
-    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor, image_size: int | None = None, crop_padding: int | None = None
+    images: Tensor,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    image_size: int | None = None,
+    crop_padding: int | None = None,
+    trivial: bool = False,
 ) -> Tensor:
     """uint8 (b, c, h, w) -> float (b, c, s, s): scaled to [0, 1], resized to ``image_size``,
-    augmented when ``crop_padding`` is given, normalised. Training, testing and predict share it."""
+    augmented (random crop + flip when ``crop_padding`` is given, then TrivialAugment when
+    ``trivial``), normalised. Training, testing and predict share it."""
     x = images.float().div_(255)
     if image_size is not None and x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     if crop_padding is not None:
         x = random_crop_flip(x, crop_padding)
+    if trivial:
+        x = trivial_augment(x)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
@@ -128,6 +122,7 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int | None = None,
         augment: bool = False,
         crop_padding: int = 4,
+        trivial_augment: bool = False,
         seed: int = 42,
         device_resident: bool = True,
     ):
@@ -149,6 +144,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.image_size = image_size
         self.augment = augment
+        self.trivial_augment = trivial_augment
         self.crop_padding = crop_padding
         self.seed = seed
         self.device_resident = device_resident
@@ -208,7 +204,7 @@ class ImageDataModule(L.LightningDataModule):
         """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input."""
         if self.mean.device != images.device:  # moved once, not copied every batch
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        return to_model_input(images, self.mean, self.std, self.image_size, self.crop_padding if augment else None)
+        return to_model_input(images, self.mean, self.std, self.image_size, self.crop_padding if augment else None, augment and self.trivial_augment)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch

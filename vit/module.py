@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from vit.augment import mix
 from vit.errors import ConfigError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -21,6 +22,8 @@ class ClassifierModule(L.LightningModule):
 
     ``optimizer`` is a partial taking the parameters (``_partial_: true`` in config);
     ``scheduler`` a partial taking the optimizer and ``total_steps`` and stepped every batch.
+    ``label_smoothing``, ``mixup_alpha`` and ``cutmix_alpha`` change the training loss only:
+    validation and test report plain cross-entropy, comparable across runs.
     ``config`` (the run's resolved config as plain containers) is stored in every
     checkpoint so ``test.py`` can rebuild the net and the data from the file alone.
     """
@@ -32,8 +35,16 @@ class ClassifierModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         num_classes: int | None = None,
         config: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"module.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ConfigError(f"module.mixup_alpha and module.cutmix_alpha must be >= 0 (0 = off), got {mixup_alpha} and {cutmix_alpha}")
+        self.label_smoothing, self.mixup_alpha, self.cutmix_alpha = label_smoothing, mixup_alpha, cutmix_alpha
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -67,7 +78,17 @@ class ClassifierModule(L.LightningModule):
         return F.cross_entropy(logits, y), logits.argmax(dim=1), y
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, preds, y = self._step(batch)
+        x, y = batch
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha)
+            logits = self.net(x)
+            loss = weight * F.cross_entropy(logits, y_own, label_smoothing=self.label_smoothing) + (1 - weight) * F.cross_entropy(
+                logits, y_partner, label_smoothing=self.label_smoothing
+            )
+        else:
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        preds = logits.argmax(dim=1)
         self.train_acc.update(preds, y)  # update, not forward: no per-batch accuracy nobody logs
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)

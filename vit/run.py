@@ -23,7 +23,7 @@ from vit.module import ClassifierModule
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, Any]
-SAVED_KEYS = ("model", "data", "optim", "scheduler", "seed")
+SAVED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed")
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
@@ -157,8 +157,9 @@ def train(cfg: DictConfig) -> Metrics:
     saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
     saved["model"]["n_classes"] = datamodule.num_classes
     saved["classes"] = list(datamodule.classes)
-    module = ClassifierModule(
-        net,
+    make_module = build(cfg.module, "module") if cfg.get("module") else ClassifierModule
+    module = make_module(
+        net=net,
         optimizer=build(cfg.optim, "optim"),
         scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         config=saved,

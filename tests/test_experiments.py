@@ -1,0 +1,86 @@
+"""The experiment presets compose and train; the augmentations they use draw per image."""
+
+import pytest
+import torch
+
+from tests.conftest import CONF
+from vit import augment
+from vit.module import ClassifierModule
+from vit.errors import ConfigError
+from vit.model import ViT
+from vit.run import train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "assignment")
+FEW_BATCHES = [
+    "data=fake",
+    "data.train_size=256",
+    "data.test_size=64",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def test_presets_say_what_the_issue_asks(make_cfg):
+    seed = make_cfg(["experiment=seed"], tiny=False)
+    assert seed.model.seed_attention and seed.data.val_size == 0 and not seed.data.augment
+    assert (seed.optim._target_, seed.optim.lr, seed.data.batch_size, seed.trainer.max_epochs) == ("torch.optim.Adam", 1e-3, 32, 20)
+    assert not make_cfg(["experiment=seed_fixed"], tiny=False).model.seed_attention
+    strong = make_cfg(["experiment=small_strong"], tiny=False)
+    assert strong.model.emb_size == 64 and strong.model.depth == 12 and strong.trainer.max_epochs == 20
+    assert strong.data.augment and strong.data.trivial_augment and strong.module.label_smoothing > 0
+    assert strong.optim._target_ == "torch.optim.AdamW" and strong.scheduler._target_ == "vit.schedulers.warmup_cosine"
+    best = make_cfg(["experiment=cifar_best"], tiny=False)
+    params = sum(p.numel() for p in ViT(**{k: v for k, v in best.model.items() if k not in ("_target_", "compile")} | {"n_classes": 10}).parameters())
+    assert 4_000_000 <= params <= 10_000_000 and best.model.patch_size == 4
+
+
+def test_assignment_preset_is_the_design_card_sweep(make_cfg):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=assignment"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"trainer.max_epochs": "10,20", "data.batch_size": "32,64", "optim.lr": "1e-3,1e-4"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_trains_a_few_batches(make_cfg, experiment):
+    overrides = [f"experiment={experiment}", *FEW_BATCHES, "data.val_size=0" if "seed" in experiment else "data.val_size=64"]
+    if experiment == "cifar_best":
+        overrides += ["model.compile=false"]  # compiling a 6M-parameter net takes a minute on 2 cores
+    metrics = train(make_cfg(overrides, tiny=False))
+    assert 0 <= metrics["test/acc"] <= 1
+
+
+def test_trivial_augment_draws_per_image():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16).repeat(64, 1, 1, 1)
+    out = augment.trivial_augment(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    distinct = {tuple(img.flatten().round(decimals=4).tolist()) for img in out}
+    assert len(distinct) > 20
+    assert any(torch.equal(img, x[0]) for img in out)  # the identity op leaves an image untouched
+
+
+def test_mixup_and_cutmix_mix_with_a_partner():
+    torch.manual_seed(0)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    y = torch.arange(4)
+    mixed, own, partner, weight = augment.mix(x, y, mixup_alpha=0.4, cutmix_alpha=0.0)
+    assert torch.equal(own, y) and sorted(partner.tolist()) == [0, 1, 2, 3] and 0 <= weight <= 1
+    torch.testing.assert_close(mixed, weight * x + (1 - weight) * x[partner])
+    cut, own, partner, weight = augment.mix(x, y, mixup_alpha=0.0, cutmix_alpha=1.0)
+    for i in range(4):
+        from_partner = (cut[i] == x[partner[i]]).float().mean() if partner[i] != i else 1 - weight
+        assert float(from_partner) == pytest.approx(1 - weight, abs=1e-6) or partner[i] == i
+
+
+@pytest.mark.parametrize("kwargs", [dict(label_smoothing=1.0), dict(mixup_alpha=-1.0)])
+def test_module_rejects_bad_regularisation(kwargs):
+    with pytest.raises(ConfigError, match="module\\."):
+        ClassifierModule(ViT(patch_size=8, emb_size=16, img_size=32, depth=1, n_classes=2, num_heads=2), **kwargs)
