@@ -28,12 +28,11 @@ SWEEP_SMALL = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
 @pytest.fixture(scope="module")
 def design_card_sweep(tmp_path_factory) -> Path:
     """The design-card sweep, shrunk: 2 x 2 x 2 jobs on fake data."""
-    sweep = tmp_path_factory.mktemp("sweep") / "sweep"
-    result = run_script(
-        "train.py", "-m", "trainer.max_epochs=2,3", "data.batch_size=32,64", "optim.lr=1e-3,1e-4", *SWEEP_SMALL, f"hydra.sweep.dir={sweep}", timeout=400
-    )
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = run_script("train.py", "-m", "trainer.max_epochs=2,3", "data.batch_size=32,64", "optim.lr=1e-3,1e-4", *SWEEP_SMALL, cwd=cwd, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Sweep report:" in result.stdout
+    (sweep,) = list((cwd / "outputs" / "multirun").glob("*/*"))  # the default sweep dir
+    assert f"Sweep report: {sweep.relative_to(cwd) / 'summary.md'}" in result.stdout
     return sweep
 
 
@@ -117,8 +116,10 @@ def test_test_script_on_a_sweep_prints_the_table(design_card_sweep, tmp_path):
 
 
 def test_a_failing_job_keeps_its_row_and_the_others_run(tmp_path):
-    result = run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "optim.lr=-1,1e-3", f"hydra.sweep.dir={tmp_path}")
+    # the default sweep dir, outputs/multirun/<date>/<time>_<us> (its ${now:} must not be resolved twice)
+    result = run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "optim.lr=-1,1e-3", cwd=tmp_path)
     assert result.returncode == 1  # Hydra reports that a job failed, after running all of them
+    (tmp_path,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     assert "Traceback" not in result.stderr or result.stderr.count('File "') <= 2
     rows = {r["job"]: r for r in read_csv(tmp_path / "summary.csv")}
     assert rows["0"]["status"] == "failed: optim.lr must be > 0, got -1" and rows["0"]["test_acc"] == ""

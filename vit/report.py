@@ -170,7 +170,17 @@ def _is_rank_zero() -> bool:
 
 
 class SweepReport(Callback):
-    """Hydra callback: after each job of a multirun, records its status and rebuilds the sweep report."""
+    """Hydra callback: after each job of a multirun, records its status and rebuilds the sweep report.
+
+    The sweep dir is taken from the job's own dir, never by resolving ``hydra.sweep.dir`` again:
+    its ``${now:...}`` would give another time in every fresh copy of the config.
+    """
+
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))  # the same config object the launcher resolves
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
@@ -183,15 +193,16 @@ class SweepReport(Callback):
             status = f"failed: {error.splitlines()[0]}"
         job_dir = Path(hydra_cfg.runtime.output_dir)
         (job_dir / "job.json").write_text(json.dumps({"status": status}) + "\n")
+        sweep_dir = job_dir.parent  # job dirs are sweep_dir/<hydra.job.num>
         try:
-            rebuild(hydra_cfg.sweep.dir)
-            log.info("Job %s %s; sweep report updated: %s", job_dir.name, status, Path(hydra_cfg.sweep.dir) / "summary.md")
+            rebuild(sweep_dir)
+            log.info("Job %s %s; sweep report updated: %s", job_dir.name, status, sweep_dir / "summary.md")
         except Exception as e:  # noqa: BLE001 - a broken report must never take a sweep down
             log.warning("Could not rebuild the sweep report: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir() and _is_rank_zero():
+        sweep_dir = self.sweep_dir
+        if sweep_dir is not None and sweep_dir.is_dir() and _is_rank_zero():
             print(rebuild(sweep_dir))
             print(f"Sweep report: {sweep_dir / 'summary.md'} (also summary.csv, summary.png)")
 

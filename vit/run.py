@@ -71,11 +71,15 @@ def check_input_shape(datamodule: ImageDataModule, net: torch.nn.Module) -> None
         )
 
 
+def on_cuda(trainer_cfg: Any) -> bool:
+    return torch.cuda.is_available() and trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+
+
 def resolve_precision(trainer_cfg: Any) -> str | int:
     """An explicit ``trainer.precision`` wins; null means 16-mixed on a CUDA GPU and 32-true elsewhere."""
     if trainer_cfg.get("precision") is not None:
         return trainer_cfg.precision
-    if torch.cuda.is_available() and trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda"):
+    if on_cuda(trainer_cfg):
         return "16-mixed"
     log.info("No CUDA GPU: running in 32-true precision (16-mixed needs a GPU)")
     return "32-true"
@@ -152,7 +156,7 @@ def train(cfg: DictConfig) -> Metrics:
 
     datamodule: ImageDataModule = build(cfg.data, "data")
     net = build_net(cfg.model, datamodule.num_classes)
-    if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda"):
+    if on_cuda(cfg.trainer):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
     saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
     saved["model"]["n_classes"] = datamodule.num_classes
