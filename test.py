@@ -1,9 +1,11 @@
 """Test a checkpoint: python test.py ckpt=outputs/<date>/<time> (a run dir or a .ckpt file)"""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from vit.cli import run_reporting_errors
+from vit.cli import require_plugins, run_reporting_errors
 from vit.run import test
 
 
@@ -13,4 +15,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    require_plugins(sys.argv[1:])
     main()

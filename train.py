@@ -1,16 +1,21 @@
 """Train a ViT on CIFAR-10: python train.py [overrides]; a sweep: python train.py -m optim.lr=1e-3,1e-4"""
 
+import sys
+from functools import partial
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
-from vit.cli import run_reporting_errors
+from vit.cli import objective, require_plugins, run_reporting_errors
 from vit.run import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
-    return run_reporting_errors(train, cfg)
+def main(cfg: DictConfig) -> Any:
+    return run_reporting_errors(partial(objective, train), cfg)
 
 
 if __name__ == "__main__":
+    require_plugins(sys.argv[1:])
     main()

@@ -93,7 +93,7 @@ class RunStats(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.train_time_s += time.perf_counter() - self._batch_start
-        self.images += len(batch[1])
+        self.images += len(batch[1]) * trainer.world_size  # DDP: every rank trains on a batch this size
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss_epoch", "train/acc", "val/loss", "val/acc")}

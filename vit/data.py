@@ -45,24 +45,36 @@ class TensorImages(Dataset):
 
 
 class EpochBatches:
-    """Yields index batches; the order of epoch e depends only on (seed, e), so a resumed run sees the same order."""
+    """Yields index batches; the order of epoch e depends only on (seed, e), so a resumed run sees the same order.
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0):
+    Under DDP each of ``num_replicas`` ranks takes its own contiguous share of that same order (Lightning's
+    DistributedSampler cannot wrap a sampler of whole batches). ``even_shares`` (training) leaves out the last
+    ``n % num_replicas`` indices of the order, so every rank takes as many steps; without it (evaluation) every
+    index comes exactly once and shares differ by at most one, so the synced metrics equal one process's.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0, even_shares: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.num_replicas, self.rank, self.even_shares = num_replicas, rank, even_shares
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _share(self, order: Tensor) -> Tensor:
+        if self.even_shares:
+            order = order[: len(order) - len(order) % self.num_replicas]
+        return order.tensor_split(self.num_replicas)[self.rank]
+
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-len(self._share(torch.arange(self.n))) // self.batch_size)
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.n)
-        yield from order.split(self.batch_size)
+        yield from self._share(order).split(self.batch_size)
 
 
 def to_model_input(
@@ -189,7 +201,10 @@ class ImageDataModule(L.LightningDataModule):
             # CIFAR-10 is 180 MB as uint8: keep it on the GPU and cut batches there, no copies per step
             data.images, data.labels = data.images.to(device), data.labels.to(device)
         pin = device.type == "cuda" and data.images.device.type == "cpu"
-        return DataLoader(data, sampler=EpochBatches(len(data), batch_size, shuffle, self.seed), batch_size=None, pin_memory=pin)
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        # Training: equal shares, so the ranks step together; evaluation: every image exactly once.
+        sampler = EpochBatches(len(data), batch_size, shuffle, self.seed, num_replicas=replicas, rank=rank, even_shares=shuffle)
+        return DataLoader(data, sampler=sampler, batch_size=None, pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

@@ -166,7 +166,7 @@ def rebuild(sweep_dir: str | Path) -> str:
 
 
 def _is_rank_zero() -> bool:
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK"))
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 class SweepReport(Callback):

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vit import checkpoints, report
+from vit import checkpoints, parallel, report
 from vit.callbacks import RunStats
 from vit.data import ImageDataModule
 from vit.errors import ConfigError
@@ -87,7 +87,9 @@ def resolve_precision(trainer_cfg: Any) -> str | int:
 
 def build_trainer(cfg: DictConfig, callbacks: list, **overrides: Any) -> L.Trainer:
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
-    return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
+    parallel.check_no_relaunch_in_sweep(trainer)
+    return trainer
 
 
 def report_metrics(metrics: Metrics, output_dir: str | Path) -> None:
@@ -176,6 +178,12 @@ def train(cfg: DictConfig) -> Metrics:
     no_val = {} if datamodule.has_val else {"monitor": None, "filename": "epoch{epoch:03d}"}
     callbacks = [build(node, f"callbacks.{name}", **(no_val if node.get("monitor") else {})) for name, node in (cfg.get("callbacks") or {}).items()]
     trainer = build_trainer(cfg, callbacks, **({} if datamodule.has_val else {"limit_val_batches": 0}))
+    if trainer.world_size > 1:
+        accumulate = trainer.accumulate_grad_batches
+        log.info(
+            "%d processes: effective batch size %d (data.batch_size %d x %d processes x trainer.accumulate_grad_batches %d)",
+            trainer.world_size, datamodule.batch_size * trainer.world_size * accumulate, datamodule.batch_size, trainer.world_size, accumulate,
+        )
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, saved["model"]), weights_only=True)
     checkpoint = trainer.checkpoint_callback
@@ -191,9 +199,10 @@ def train(cfg: DictConfig) -> Metrics:
         ckpt_path = "best" if datamodule.has_val and best_path else None
         log.info("Testing %s", best_path if ckpt_path else "the final weights")
         metrics.update(test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)))
-    report_metrics(metrics, cfg.paths.output_dir)
-    write_run_info(trainer, net, best_path, cfg.paths.output_dir)
-    log_hparams(trainer, cfg, net, metrics)
+    if trainer.is_global_zero:  # under DDP every rank has the same (synced) metrics; one writes them
+        report_metrics(metrics, cfg.paths.output_dir)
+        write_run_info(trainer, net, best_path, cfg.paths.output_dir)
+        log_hparams(trainer, cfg, net, metrics)
     return metrics
 
 
