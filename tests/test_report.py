@@ -63,6 +63,8 @@ def test_report_has_a_row_per_job_with_its_metrics(design_card_sweep):
         assert float(row["test_loss"]) == pytest.approx(metrics["test/loss"])
         assert int(row["epochs"]) == metrics["epochs"] == int(row["max_epochs"])
         assert float(row["train_time_s"]) > 0 and float(row["images_per_s"]) > 0 and int(row["params"]) > 0
+        history = json.loads((design_card_sweep / row["job"] / "run.json").read_text())["history"]
+        assert [h["epoch"] for h in history] == list(range(int(row["max_epochs"])))  # every epoch, whichever was best
         assert Path(row["ckpt"]).exists()
     val = [float(r["val_acc"]) for r in rows]
     assert val == sorted(val, reverse=True)

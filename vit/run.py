@@ -193,6 +193,7 @@ def train(cfg: DictConfig) -> Metrics:
         "val/acc": float(best_score) if datamodule.has_val and best_score is not None else None,
         "epochs": trainer.current_epoch,
     }
+    info = run_info(trainer, net, best_path)
     if trainer.interrupted:
         log.warning("Training was interrupted: skipping the test")
     elif cfg.get("test"):
@@ -201,22 +202,24 @@ def train(cfg: DictConfig) -> Metrics:
         metrics.update(test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)))
     if trainer.is_global_zero:  # under DDP every rank has the same (synced) metrics; one writes them
         report_metrics(metrics, cfg.paths.output_dir)
-        write_run_info(trainer, net, best_path, cfg.paths.output_dir)
+        (Path(cfg.paths.output_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")
         log_hparams(trainer, cfg, net, metrics)
     return metrics
 
 
-def write_run_info(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None, output_dir: str) -> None:
-    """``run.json``: what the sweep report shows beside the metrics (kept out of metrics.json, which must not vary with timing)."""
+def run_info(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None) -> dict[str, Any]:
+    """What the sweep report shows beside the metrics, kept out of metrics.json (which must not vary with timing).
+
+    Taken right after fitting: testing the best checkpoint restores the callbacks' state as of that epoch.
+    """
     stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
-    info = {
+    return {
         "params": sum(p.numel() for p in net.parameters()),
         "ckpt": best_path or None,
         "train_time_s": round(stats.train_time_s, 3) if stats else None,
         "images_per_s": round(stats.images_per_s, 1) if stats and stats.images_per_s else None,
-        "history": stats.history if stats else [],
+        "history": list(stats.history) if stats else [],
     }
-    (Path(output_dir) / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metrics: Metrics) -> None:
