@@ -101,6 +101,7 @@ def test_folder_data_classes_come_from_folders_and_are_cached(tmp_path, monkeypa
     assert len(dm.train_set) + len(dm.val_set) == 16 and len(dm.test_set) == 15
     assert dm.test_set.images.shape[1:] == (3, 32, 32)
     assert sorted(dm.test_set.labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+    assert dm.test_set.labels.tolist() != sorted(dm.test_set.labels.tolist())  # mixed, not class by class
     caches = sorted((tmp_path / "data" / "cache").glob("*.pt"))
     assert [p.name.split("-")[0] for p in caches] == ["test", "train"]
     # a second module reads the cache: break the decoder to prove it is not called

@@ -74,7 +74,7 @@ def test_the_datamodule_shards_by_the_trainers_rank_with_the_same_split_everywhe
     for rank in range(2):
         dm = FakeDataModule(train_size=101, val_size=21, test_size=9, batch_size=8, eval_batch_size=4)
         dm.setup()
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(root_device=torch.device("cpu")))
         loaders.append((dm, {name: [y for _, y in getattr(dm, f"{name}_dataloader")()] for name in ("train", "val", "test")}))
     (dm0, l0), (dm1, l1) = loaders
     assert torch.equal(dm0.val_set.images, dm1.val_set.images)  # the split is seeded, not per rank

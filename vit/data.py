@@ -191,7 +191,11 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set = TensorImages(images[train], labels[train])
             self.val_set = TensorImages(images[val], labels[val]) if self.has_val else None
         if stage in (None, "test") and self.test_set is None:
-            self.test_set = TensorImages(*self._load(train=False))
+            # One fixed mixed order (an ImageFolder lists class by class), so trainer.limit_test_batches
+            # and the test figures see every class; the accuracy on the whole split does not depend on it.
+            images, labels = self._load(train=False)
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+            self.test_set = TensorImages(images[order], labels[order])
 
     def _loader(self, data: TensorImages | None, batch_size: int, shuffle: bool) -> DataLoader:
         if data is None:
