@@ -49,8 +49,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from vit.model import ViT
-from vit.module import ClassifierModule
-from vit.run import build, build_net, build_trainer, check_input_shape
+from vit.run import build, build_for_fit, build_net, build_trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 VARIANTS = ("bare", "reference", "ours", "best", "compile")
@@ -241,16 +240,7 @@ def run_ours(args: argparse.Namespace, batch: int, compiled: bool = False) -> Ro
     cfg = compose_config(args, batch, n_batches, args.tmp / f"ours-{batch}{'-compiled' if compiled else ''}")
     cfg.model.compile = compiled  # the project's own option: model.compile=true
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build(cfg.data, "data")
-    net = build_net(cfg.model, datamodule.num_classes)
-    module = ClassifierModule(
-        net,
-        optimizer=build(cfg.optim, "optim"),
-        scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
-    )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    check_input_shape(datamodule, net)
+    datamodule, _, module = build_for_fit(cfg)
     if len(datamodule.train_dataloader()) < n_batches:
         raise SystemExit(f"{name}: one epoch has fewer than {n_batches} batches of {batch}: lower --warmup/--steps/--best-steps")
     stopwatch = Stopwatch(args.warmup, steps, device)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
@@ -34,7 +33,7 @@ from torchvision import transforms
 
 from throughput import device_name, now  # the sibling script: same clock and device name
 from vit.model import ViT
-from vit.run import build, build_net, build_trainer, check_input_shape
+from vit.run import build_for_fit, build_trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OURS_DEFAULT = ["experiment=small_strong", "model.compile=true", "data.batch_size=512", "data.eval_batch_size=1024", "optim.lr=4e-3"]
@@ -131,14 +130,7 @@ def run_ours(args: argparse.Namespace, output_dir: Path) -> list[tuple[int, floa
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(cfg.seed, verbose=False)
-    datamodule = build(cfg.data, "data")
-    net = build_net(cfg.model, datamodule.num_classes)
-    module = build(cfg.module, "module")(
-        net=net, optimizer=build(cfg.optim, "optim"), scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    check_input_shape(datamodule, net)
+    datamodule, _, module = build_for_fit(cfg)
     stopper = TestAccuracyEachEpoch(start, args.target, args.device)
     trainer = build_trainer(cfg, [stopper], limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)

@@ -5,7 +5,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -150,7 +149,7 @@ def test_killed_run_resumes_to_the_same_metrics(make_cfg, tmp_path):
     result = run_script(
         "train.py",
         *RESUMABLE,
-        f"+callbacks.kill._target_=tests.faults.KillAtStep",
+        "+callbacks.kill._target_=tests.faults.KillAtStep",
         f"+callbacks.kill.step={2 * steps_per_epoch + 3}",
         f"hydra.run.dir={killed}",
         f"paths.data_dir={tmp_path / 'data'}",

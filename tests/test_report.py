@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import TINY, run_script
 from vit import predict, report
 from vit.model import ViT
 

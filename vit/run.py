@@ -147,19 +147,14 @@ def find_last_checkpoint(cfg: DictConfig) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def train(cfg: DictConfig) -> Metrics:
-    """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
-    max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {max_epochs}")
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        log.info("Seed: %d", cfg.seed)
+def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, ClassifierModule]:
+    """The DataModule (set up for fitting), the net and the LightningModule, as a training run builds them.
 
+    The module carries the run's resolved config (model with the data's class count, data, optimizer,
+    ...), which every checkpoint stores. The benchmarks build their runs here too.
+    """
     datamodule: ImageDataModule = build(cfg.data, "data")
     net = build_net(cfg.model, datamodule.num_classes)
-    if on_cuda(cfg.trainer):
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
     saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
     saved["model"]["n_classes"] = datamodule.num_classes
     saved["classes"] = list(datamodule.classes)
@@ -173,6 +168,22 @@ def train(cfg: DictConfig) -> Metrics:
     datamodule.prepare_data()
     datamodule.setup("fit")
     check_input_shape(datamodule, net)
+    return datamodule, net, module
+
+
+def train(cfg: DictConfig) -> Metrics:
+    """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {max_epochs}")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        log.info("Seed: %d", cfg.seed)
+
+    if on_cuda(cfg.trainer):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
+    datamodule, net, module = build_for_fit(cfg)
+    saved = module.hparams["config"]
 
     # Without a validation split there is nothing to monitor: keep the last epoch's checkpoint.
     no_val = {} if datamodule.has_val else {"monitor": None, "filename": "epoch{epoch:03d}"}
