@@ -129,19 +129,14 @@ class Stopwatch(L.Callback):
             self.end = now(self.device)
 
 
-def compose_config(args: argparse.Namespace, batch: int, n_batches: int, output_dir: Path) -> DictConfig:
-    """The config ``python train.py`` would compose, for ``n_batches`` training batches and nothing else."""
-    overrides = [
+def compose_run(args: argparse.Namespace, output_dir: Path, overrides: list[str]) -> DictConfig:
+    """The config ``python train.py`` would compose for a timed run: ``overrides`` on top of the data, seed and
+    device of ``args``, with progress bar, callbacks, checkpointing and the final test off."""
+    shared = [
         f"data={args.data}",
-        f"data.batch_size={batch}",
         f"seed={args.seed}",
         f"trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
-        "trainer.max_epochs=1",
-        f"trainer.limit_train_batches={n_batches}",
-        "trainer.limit_val_batches=0",
-        "trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
         "+trainer.enable_checkpointing=false",
         "~callbacks",
         "test=false",
@@ -150,13 +145,26 @@ def compose_config(args: argparse.Namespace, batch: int, n_batches: int, output_
         f"paths.output_dir={output_dir}",
     ]
     if args.data == "folder":
-        overrides.append(f"data.root={args.root}")
-    else:  # one epoch must hold every step; 200 images are held out for validation by data/fake.yaml
-        overrides.append(f"data.train_size={200 + n_batches * batch}")
+        shared.append(f"data.root={args.root}")
     if args.data_dir is not None:
-        overrides.append(f"paths.data_dir={args.data_dir.resolve()}")
+        shared.append(f"paths.data_dir={args.data_dir.resolve()}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=[*shared, *overrides])
+
+
+def compose_config(args: argparse.Namespace, batch: int, n_batches: int, output_dir: Path) -> DictConfig:
+    """The config for ``n_batches`` training batches and nothing else."""
+    overrides = [
+        f"data.batch_size={batch}",
+        "trainer.max_epochs=1",
+        f"trainer.limit_train_batches={n_batches}",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_model_summary=false",
+    ]
+    if args.data == "fake":  # one epoch must hold every step; 200 images are held out for validation by data/fake.yaml
+        overrides.append(f"data.train_size={200 + n_batches * batch}")
+    return compose_run(args, output_dir, overrides)
 
 
 def run_bare(args: argparse.Namespace, batch: int) -> Row:

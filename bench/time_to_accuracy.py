@@ -26,16 +26,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from throughput import device_name, now  # the sibling script: same clock and device name
+from throughput import compose_run, device_name, now  # the sibling script: same clock, device name and config
 from vit.model import ViT
 from vit.run import build_for_fit, build_trainer
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OURS_DEFAULT = ["experiment=small_strong", "model.compile=true", "data.batch_size=512", "data.eval_batch_size=1024", "optim.lr=4e-3"]
 
 
@@ -111,24 +109,7 @@ def run_manual(args: argparse.Namespace) -> list[tuple[int, float, float]]:
 
 def run_ours(args: argparse.Namespace, output_dir: Path) -> list[tuple[int, float, float]]:
     start = now(args.device)
-    overrides = [
-        *args.ours,
-        f"data={args.data}",
-        f"seed={args.seed}",
-        f"trainer.max_epochs={args.max_epochs}",
-        f"trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
-        "data.val_size=0",
-        "trainer.enable_progress_bar=false",
-        "+trainer.enable_checkpointing=false",
-        "~callbacks",
-        "test=false",
-        f"paths.root_dir={Path.cwd()}",
-        f"paths.output_dir={output_dir}",
-    ]
-    if args.data == "folder":
-        overrides.append(f"data.root={args.root}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_run(args, output_dir, [*args.ours, f"trainer.max_epochs={args.max_epochs}", "data.val_size=0"])
     L.seed_everything(cfg.seed, verbose=False)
     datamodule, _, module = build_for_fit(cfg)
     stopper = TestAccuracyEachEpoch(start, args.target, args.device)
@@ -150,6 +131,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--data", choices=("folder", "fake"), default="folder")
     parser.add_argument("--root", type=Path, default=Path("../shared/data/cifar10-jpeg"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="paths.data_dir, where data=folder caches decoded images")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--ours", nargs="*", default=OURS_DEFAULT, help="config overrides of our run (default: %(default)s)")
     parser.add_argument("--skip-manual", action="store_true")
