@@ -77,7 +77,7 @@ class LogTestFigures(Callback):
         datamodule = trainer.datamodule
         classes = list(datamodule.classes)
         images, labels, preds = self.samples
-        images = (images * datamodule.std + datamodule.mean).clamp(0, 1)  # undo the normalisation for display
+        images = (images * datamodule.std.cpu() + datamodule.mean.cpu()).clamp(0, 1)  # undo the normalisation (samples are on the CPU)
         figures = {"test/confusion_matrix": confusion_figure(matrix, classes), "test/predictions": predictions_figure(images, labels, preds, classes)}
         for tag, fig in figures.items():
             for logger in loggers:
