@@ -11,8 +11,8 @@ the other and from the same seed:
   ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``, Adam 1e-3, ``CrossEntropyLoss``,
   ``running_loss += loss.item()``; fp16 autocast and a GradScaler on CUDA);
 - ours: the DataModule, net, LightningModule and Trainer built from the project's Hydra config the
-  way ``python train.py`` builds them (TensorBoard logger included, into a temporary directory),
-  with progress bar, checkpointing and validation off;
+  way ``python train.py`` builds them (TensorBoard logger, progress bar and the default callbacks
+  included, into a temporary directory), with checkpoint files and validation off;
 - ours with ``model.compile=true`` (``torch.compile``), at the manual's batch and at a larger one;
 - ours at best settings: a larger batch.
 
@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from vit.model import ViT
-from vit.run import build, build_for_fit, build_net, build_trainer
+from vit.run import build, build_callbacks, build_for_fit, build_net, build_trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 VARIANTS = ("bare", "reference", "ours", "best", "compile")
@@ -131,14 +131,14 @@ class Stopwatch(L.Callback):
 
 def compose_run(args: argparse.Namespace, output_dir: Path, overrides: list[str]) -> DictConfig:
     """The config ``python train.py`` would compose for a timed run: ``overrides`` on top of the data, seed and
-    device of ``args``, with progress bar, callbacks, checkpointing and the final test off."""
+    device of ``args``. As a user runs it (progress bar, the default callbacks with their per-step work), but
+    without checkpoint files, whose writing is disk time, and without the final test."""
     shared = [
         f"data={args.data}",
         f"seed={args.seed}",
         f"trainer.accelerator={'gpu' if args.device.type == 'cuda' else 'cpu'}",
-        "trainer.enable_progress_bar=false",
         "+trainer.enable_checkpointing=false",
-        "~callbacks",
+        "~callbacks.model_checkpoint",
         "test=false",
         # The run dir and the project root, which hydra.main would fill in.
         f"paths.root_dir={Path.cwd()}",
@@ -252,7 +252,7 @@ def run_ours(args: argparse.Namespace, batch: int, compiled: bool = False) -> Ro
     if len(datamodule.train_dataloader()) < n_batches:
         raise SystemExit(f"{name}: one epoch has fewer than {n_batches} batches of {batch}: lower --warmup/--steps/--best-steps")
     stopwatch = Stopwatch(args.warmup, steps, device)
-    trainer = build_trainer(cfg, [stopwatch])
+    trainer = build_trainer(cfg, [*build_callbacks(cfg), stopwatch])
     reset_peak_memory(device)
     if not compiled:
         trainer.fit(module, datamodule=datamodule)

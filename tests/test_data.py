@@ -155,3 +155,33 @@ def test_cifar10_offline_names_the_alternatives(tmp_path, monkeypatch):
         dm.prepare_data()
     message = str(info.value)
     assert "data=folder data.root=" in message and "data=fake" in message and "\n" not in message
+
+
+def test_train_sizes_resize_training_batches_per_epoch_only():
+    dm = fake(train_sizes=[16, 24])
+    assert [dm.train_side(e) for e in range(4)] == [16, 24, 24, 24]
+    assert fake().train_side(0) is None
+    images, labels = dm.train_set.images[:4], dm.train_set.labels[:4]
+
+    class Trainer:  # what on_after_batch_transfer reads of Lightning's trainer
+        training, current_epoch = True, 0
+
+    dm.trainer = Trainer()
+    assert dm.on_after_batch_transfer((images, labels), 0)[0].shape == (4, 3, 16, 16)
+    Trainer.current_epoch = 3
+    assert dm.on_after_batch_transfer((images, labels), 0)[0].shape == (4, 3, 24, 24)
+    Trainer.training = False  # evaluation: the full size
+    assert dm.on_after_batch_transfer((images, labels), 0)[0].shape == (4, 3, 32, 32)
+    with pytest.raises(ConfigError, match="data.train_sizes"):
+        fake(train_sizes=[16, 0])
+
+
+def test_train_sizes_need_a_model_that_takes_them(make_cfg):
+    from vit.run import train
+
+    with pytest.raises(ConfigError, match="model.dynamic_img_size=true"):
+        train(make_cfg(["data.train_sizes=[16,32]", "model.patch_size=4", "trainer.max_epochs=1"]))
+    with pytest.raises(ConfigError, match="multiples of model.patch_size=8"):
+        train(make_cfg(["data.train_sizes=[12,32]", "model.dynamic_img_size=true", "trainer.max_epochs=1"]))
+    metrics = train(make_cfg(["data.train_sizes=[16,32]", "model.dynamic_img_size=true", "trainer.max_epochs=2"]))
+    assert metrics["epochs"] == 2 and metrics["test/acc"] is not None

@@ -84,3 +84,23 @@ def test_mixup_and_cutmix_mix_with_a_partner():
 def test_module_rejects_bad_regularisation(kwargs):
     with pytest.raises(ConfigError, match="module\\."):
         ClassifierModule(ViT(patch_size=8, emb_size=16, img_size=32, depth=1, n_classes=2, num_heads=2), **kwargs)
+
+
+def test_tta_flip_averages_each_image_with_its_mirror():
+    torch.manual_seed(0)
+    net = ViT(in_channels=3, patch_size=8, emb_size=16, img_size=32, depth=1, n_classes=10, num_heads=2).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    plain_loss, plain_preds, _ = ClassifierModule(net)._step((x, y))
+    loss, preds, _ = ClassifierModule(net, tta_flip=True)._step((x, y))
+    with torch.no_grad():
+        averaged = (net(x) + net(x.flip(-1))) / 2
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(averaged, y))
+    assert torch.equal(preds, averaged.argmax(1)) and not torch.allclose(loss, plain_loss)
+
+
+def test_retesting_uses_the_runs_tta_flip(make_cfg, tmp_path):
+    from vit.run import test
+
+    metrics = train(make_cfg(["module.tta_flip=true", "trainer.max_epochs=1"]))
+    retested = test(make_cfg([f"ckpt={make_cfg().paths.output_dir}"], name="test", run="retest"))
+    assert retested["test/acc"] == metrics["test/acc"] and retested["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)

@@ -121,3 +121,66 @@ def test_bad_shapes_fail_at_construction(kwargs, numbers):
 def test_wrong_input_size_names_both_shapes():
     with pytest.raises(ValueError, match=r"\(3, 32, 32\).*\(3, 64, 64\)"):
         ViT(**SMALL)(torch.randn(1, 3, 64, 64))
+
+
+def test_new_options_default_to_the_manuals_model():
+    torch.manual_seed(0)
+    plain = ViT(**CIFAR)
+    torch.manual_seed(0)
+    explicit = ViT(**CIFAR, pool="mean", pos_init="randn", dynamic_img_size=False)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), explicit.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert plain[0].positions.std() > 0.5  # the manual's N(0, 1)
+
+
+def test_pos_init_trunc_normal_draws_small_positions():
+    embedding = ViT(**SMALL, pos_init="trunc_normal")[0]
+    for table in (embedding.positions, embedding.cls_token):
+        assert 0.01 < table.std() < 0.03 and table.abs().max() <= 0.04 + 1e-6
+    with pytest.raises(ValueError, match="pos_init must be one of randn, trunc_normal, sincos"):
+        ViT(**SMALL, pos_init="zeros")
+
+
+def test_pos_init_sincos_codes_rows_and_columns():
+    embedding = ViT(**{**SMALL, "patch_size": 4}, pos_init="sincos")[0]
+    codes = embedding.positions[1:].detach().view(8, 8, 32)  # grid 8 x 8, emb 32
+    rows, cols = codes[..., :16], codes[..., 16:]
+    assert torch.allclose(rows[2, 0], rows[2, 7]) and not torch.allclose(rows[2, 0], rows[3, 0])  # the row half ignores the column
+    assert torch.allclose(cols[0, 5], cols[6, 5]) and not torch.allclose(cols[0, 5], cols[0, 6])
+    assert torch.equal(rows[0, 0][:8], torch.zeros(8)) and torch.equal(rows[0, 0][8:], torch.ones(8))  # sin 0, cos 0
+    assert len({tuple(v.tolist()) for v in codes.view(64, 32)}) == 64  # every patch its own code
+
+
+def test_cls_pool_reads_the_class_token_only():
+    torch.manual_seed(0)
+    model = ViT(**SMALL, pool="cls").eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model[1](model[0](x))
+    head = model[2]
+    torch.testing.assert_close(model(x), head[2](head[1](tokens[:, 0])))
+    mean_model = ViT(**SMALL, pool="mean").eval()
+    mean_model.load_state_dict(model.state_dict())
+    assert not torch.allclose(mean_model(x), model(x))
+    with pytest.raises(ValueError, match="pool must be one of mean, cls"):
+        ViT(**SMALL, pool="max")
+
+
+def test_dynamic_img_size_resamples_positions_and_keeps_the_full_size_exact():
+    torch.manual_seed(0)
+    fixed = ViT(**{**SMALL, "patch_size": 4}).eval()
+    dynamic = ViT(**{**SMALL, "patch_size": 4}, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(dynamic(x), fixed(x))  # same weights, full size: the same function
+    assert dynamic(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    embedding = dynamic[0]
+    resampled = embedding.resampled_positions(4, 4)
+    assert resampled.shape == (1 + 16, 32) and torch.equal(resampled[0], embedding.positions[0])
+    # a position table that is constant over the grid stays constant when resampled
+    with torch.no_grad():
+        embedding.positions[1:] = 0.5
+    torch.testing.assert_close(embedding.resampled_positions(6, 6)[1:], torch.full((36, 32), 0.5))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        dynamic(torch.randn(1, 3, 18, 18))
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\)"):
+        fixed(torch.randn(1, 3, 16, 16))

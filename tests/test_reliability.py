@@ -127,8 +127,17 @@ def test_a_malicious_checkpoint_runs_no_code(make_cfg, capsys, tmp_path):
     assert "refused" in line and not target.exists()
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(make_cfg, capsys):
-    cfg = make_cfg(["trainer.max_epochs=3", "+callbacks.poison._target_=tests.faults.PoisonAtEpoch", "+callbacks.poison.epoch=1"])
+@pytest.mark.parametrize("every_step", [None, False])  # False: the sync-free check a GPU gets, read every few steps
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(make_cfg, capsys, every_step):
+    cfg = make_cfg(
+        [
+            "trainer.max_epochs=3",
+            "trainer.log_every_n_steps=4",
+            f"callbacks.stop_on_non_finite_loss.every_step={'null' if every_step is None else every_step}",
+            "+callbacks.poison._target_=tests.faults.PoisonAtEpoch",
+            "+callbacks.poison.epoch=1",
+        ]
+    )
     line = one_line_error(run.train, cfg, capsys)
     steps_per_epoch = (256 - 64) // 32
     assert f"loss became nan at step {steps_per_epoch}" in line and "lower optim.lr" in line

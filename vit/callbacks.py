@@ -53,15 +53,45 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class StopOnNonFiniteLoss(Callback):
-    """Stops at the first NaN/inf training loss, before its gradients reach the weights or a checkpoint."""
+    """Stops at the first NaN/inf training loss, before its gradients reach the weights or a checkpoint.
+
+    Asking a GPU whether a loss is finite waits for the step to finish (a host sync), so there the
+    check only flags the loss on the device and reads the flag every ``trainer.log_every_n_steps``
+    steps (Lightning syncs there anyway to log) and at the end of every epoch, before any checkpoint
+    is written: a diverged GPU run may take up to that many more steps before it stops, and no
+    checkpoint ever holds its weights. On a CPU the check costs nothing and runs every step.
+    ``every_step`` (None: on a CPU only) forces one way or the other.
+    """
+
+    def __init__(self, every_step: bool | None = None) -> None:
+        self.every_step = every_step
+        self._first_bad_step: torch.Tensor | None = None  # on the device: the first step with a non-finite loss, or -1
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}): "
-                f"lower optim.lr (now {lr:g}) or set trainer.gradient_clip_val=1.0; the checkpoints saved before it are kept"
-            )
+        if (loss.device.type == "cpu") if self.every_step is None else self.every_step:
+            if not torch.isfinite(loss).all():
+                self._stop(trainer, float(loss.detach().reshape(-1)[0]), trainer.global_step)
+            return
+        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all() & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, trainer.global_step, self._first_bad_step)
+        if (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)  # Lightning runs checkpoint callbacks after the others
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            self._stop(trainer, float("nan"), int(self._first_bad_step))
+
+    def _stop(self, trainer: L.Trainer, loss: float, step: int) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        raise TrainingDiverged(
+            f"the training loss became {loss} at step {step} (epoch {trainer.current_epoch}): "
+            f"lower optim.lr (now {lr:g}) or set trainer.gradient_clip_val=1.0; the checkpoints saved before it are kept"
+        )
 
 
 class RngState(Callback):

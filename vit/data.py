@@ -119,6 +119,9 @@ class ImageDataModule(L.LightningDataModule):
     Subclasses say where the images come from (``_load``) and what the classes are;
     ``data_dir`` holds downloads and caches.
     ``val_size=0`` trains on the whole training set with no validation, as the manual does.
+    ``train_sizes`` (progressive resizing): the side of the training images in each epoch, the
+    last one for every later epoch, e.g. ``[16, 16, 24, 32]``; small images are cheap early, when
+    the model only learns coarse features. Evaluation always runs at the full size.
     """
 
     classes: Sequence[str] = ()
@@ -137,6 +140,7 @@ class ImageDataModule(L.LightningDataModule):
         trivial_augment: bool = False,
         seed: int = 42,
         device_resident: bool = True,
+        train_sizes: Sequence[int] | None = None,
     ):
         super().__init__()
         for name, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
@@ -150,6 +154,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.image_size must be null or an integer >= 1, got {image_size!r}")
         if not isinstance(crop_padding, int) or crop_padding < 0:
             raise ConfigError(f"data.crop_padding must be an integer >= 0, got {crop_padding!r}")
+        if train_sizes is not None and (len(train_sizes) == 0 or any(not isinstance(v, int) or v < 1 for v in train_sizes)):
+            raise ConfigError(f"data.train_sizes must be null or a list of integers >= 1 (one side per epoch), got {train_sizes!r}")
+        self.train_sizes = list(train_sizes) if train_sizes is not None else None
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -228,7 +235,16 @@ class ImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        return self.preprocess(images, augment=self.augment and training), labels
+        x = self.preprocess(images, augment=self.augment and training)
+        side = self.train_side(self.trainer.current_epoch) if training else None
+        if side is not None and x.shape[-1] != side:
+            # resizing is linear and keeps constants, so it commutes with the normalisation
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        return x, labels
+
+    def train_side(self, epoch: int) -> int | None:
+        """The side of training images in ``epoch`` (0-based) under ``train_sizes``; None: the stored or ``image_size``."""
+        return self.train_sizes[min(epoch, len(self.train_sizes) - 1)] if self.train_sizes else None
 
     def image_shape(self) -> tuple[int, int, int]:
         """(c, h, w) of the model's input."""

@@ -21,36 +21,87 @@ def _require(ok: bool, message: str) -> None:
 
 
 class PatchEmbedding(nn.Module):
-    """Cuts the image into patches, projects each, prepends the class token and adds positions."""
+    """Cuts the image into patches, projects each, prepends the class token and adds positions.
 
-    def __init__(self, in_channels: int = 3, patch_size: int = 16, emb_size: int = 768, img_size: int = 224):
+    ``pos_init``: how the class token and the positions start. "randn": N(0, 1), as the manual;
+    "trunc_normal": a normal with std 0.02 truncated at 2 std (timm's ViTs), so they do not drown
+    the patch features at the start; "sincos": positions start as 2-D sine-cosine waves over the
+    patch grid (MAE, MoCo v3), which tell neighbouring patches apart from the first step, and the
+    class token as "trunc_normal". Either way they are learnt.
+    ``dynamic_img_size``: images of any side divisible by ``patch_size`` are accepted, the
+    positions resampled (bicubic) from the ``img_size`` grid to theirs; at ``img_size`` nothing
+    changes. Progressive resizing (``data.train_sizes``) trains at smaller sides with it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        patch_size: int = 16,
+        emb_size: int = 768,
+        img_size: int = 224,
+        pos_init: str = "randn",
+        dynamic_img_size: bool = False,
+    ):
         for name, value in (("in_channels", in_channels), ("patch_size", patch_size), ("emb_size", emb_size), ("img_size", img_size)):
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         _require(
             img_size % patch_size == 0,
             f"img_size={img_size} is not divisible by patch_size={patch_size}: choose a patch_size that divides {img_size}",
         )
+        _require(pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {pos_init!r}")
+        _require(pos_init != "sincos" or emb_size % 4 == 0, f"pos_init=sincos needs emb_size divisible by 4, got {emb_size}")
         super().__init__()
         self.patch_size = patch_size
         self.img_size = img_size
         self.in_channels = in_channels
+        self.dynamic_img_size = dynamic_img_size
         self.projection = nn.Sequential(
             nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size),
             Rearrange("b e h w -> b (h w) e"),
         )
         self.cls_token = nn.Parameter(torch.randn(1, 1, emb_size))
         self.positions = nn.Parameter(torch.randn((img_size // patch_size) ** 2 + 1, emb_size))
+        if pos_init != "randn":  # after the manual's draws, so its default keeps the random stream as it was
+            for table in (self.cls_token, self.positions):
+                nn.init.trunc_normal_(table, std=0.02, a=-0.04, b=0.04)
+        if pos_init == "sincos":
+            with torch.no_grad():
+                self.positions[1:] = sincos_positions(img_size // patch_size, emb_size)
 
     def forward(self, x: Tensor) -> Tensor:
         # b c H W -> b (1 + h w) e
-        if x.shape[1:] != (self.in_channels, self.img_size, self.img_size):
-            raise ValueError(
-                f"PatchEmbedding expects images of shape ({self.in_channels}, {self.img_size}, {self.img_size}), "
-                f"got {tuple(x.shape[1:])}"
-            )
+        size_ok = x.shape[2:] == (self.img_size, self.img_size) or (
+            self.dynamic_img_size and x.shape[2] % self.patch_size == 0 and x.shape[3] % self.patch_size == 0
+        )
+        if x.shape[1] != self.in_channels or not size_ok:
+            sides = f"any sides divisible by {self.patch_size}" if self.dynamic_img_size else f"{self.img_size}, {self.img_size}"
+            raise ValueError(f"PatchEmbedding expects images of shape ({self.in_channels}, {sides}), got {tuple(x.shape[1:])}")
+        positions = self.resampled_positions(x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
         x = self.projection(x)
         cls_tokens = repeat(self.cls_token, "() n e -> b n e", b=x.shape[0])
-        return torch.cat([cls_tokens, x], dim=1) + self.positions
+        return torch.cat([cls_tokens, x], dim=1) + positions
+
+    def resampled_positions(self, h: int, w: int) -> Tensor:
+        """(1 + g g, e) positions of the ``img_size`` grid g x g -> (1 + h w, e) for an h x w grid of patches."""
+        g = self.img_size // self.patch_size
+        if (h, w) == (g, g):
+            return self.positions
+        grid = rearrange(self.positions[1:], "(h w) e -> 1 e h w", h=g)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([self.positions[:1], rearrange(grid, "1 e h w -> (h w) e")])
+
+
+POS_INITS = ("randn", "trunc_normal", "sincos")
+
+
+def sincos_positions(grid: int, emb_size: int) -> Tensor:
+    """(grid grid, emb_size) 2-D sine-cosine position codes: half the channels encode the row, half the column."""
+    quarter = emb_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = [rearrange(axis, "h w -> (h w) 1") * omega for axis in (rows, cols)]  # (h w) quarter each
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
 
 class MultiHeadAttention(nn.Module):
@@ -171,15 +222,28 @@ class TransformerEncoder(nn.Sequential):
 
 
 class ClassificationHead(nn.Sequential):
-    """Mean over all tokens (class token included, as in the manual), then LayerNorm and a linear layer."""
+    """Pools the tokens, then LayerNorm and a linear layer.
 
-    def __init__(self, emb_size: int = 768, n_classes: int = 1000):
+    ``pool="mean"`` averages all tokens, class token included, as the manual does; ``pool="cls"``
+    takes the class token alone, as the original ViT does.
+    """
+
+    def __init__(self, emb_size: int = 768, n_classes: int = 1000, pool: str = "mean"):
         _require(isinstance(n_classes, int) and n_classes > 0, f"n_classes must be a positive integer, got {n_classes!r}")
+        _require(pool in POOLS, f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         super().__init__(
-            Reduce("b n e -> b e", reduction="mean"),
+            Reduce("b n e -> b e", reduction="mean") if pool == "mean" else ClassToken(),
             nn.LayerNorm(emb_size),
             nn.Linear(emb_size, n_classes),
         )
+
+
+POOLS = ("mean", "cls")
+
+
+class ClassToken(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 0]  # b n e -> b e
 
 
 class ViT(nn.Sequential):
@@ -187,7 +251,9 @@ class ViT(nn.Sequential):
 
     Extra kwargs reach every TransformerEncoderBlock: ``drop_p``, ``forward_expansion``,
     ``forward_drop_p``, and through it the attention's ``num_heads``, ``dropout``,
-    ``seed_attention`` (the manual's attention formula) and ``fused``.
+    ``seed_attention`` (the manual's attention formula) and ``fused``. ``pos_init`` and
+    ``dynamic_img_size`` go to the PatchEmbedding, ``pool`` to the ClassificationHead; their
+    defaults are the manual's model.
     """
 
     def __init__(
@@ -198,15 +264,20 @@ class ViT(nn.Sequential):
         img_size: int = 224,
         depth: int = 12,
         n_classes: int = 1000,
+        pool: str = "mean",
+        pos_init: str = "randn",
+        dynamic_img_size: bool = False,
         **kwargs,
     ):
         super().__init__(
-            PatchEmbedding(in_channels, patch_size, emb_size, img_size),
+            PatchEmbedding(in_channels, patch_size, emb_size, img_size, pos_init=pos_init, dynamic_img_size=dynamic_img_size),
             TransformerEncoder(depth, emb_size=emb_size, **kwargs),
-            ClassificationHead(emb_size, n_classes),
+            ClassificationHead(emb_size, n_classes, pool=pool),
         )
         self.in_channels = in_channels
         self.img_size = img_size
+        self.patch_size = patch_size
+        self.dynamic_img_size = dynamic_img_size
         self.n_classes = n_classes
 
     def attention_modules(self) -> list[MultiHeadAttention]:

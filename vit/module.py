@@ -25,6 +25,8 @@ class ClassifierModule(L.LightningModule):
     ``scheduler`` a partial taking the optimizer and ``total_steps`` and stepped every batch.
     ``label_smoothing``, ``mixup_alpha`` and ``cutmix_alpha`` change the training loss only:
     validation and test report plain cross-entropy, comparable across runs.
+    ``tta_flip`` (test-time augmentation) averages the logits of each image and its mirror image
+    in validation and test: one more forward pass for a steadier prediction.
     ``config`` (the run's resolved config as plain containers) is stored in every
     checkpoint so ``test.py`` can rebuild the net and the data from the file alone.
     """
@@ -39,6 +41,7 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        tta_flip: bool = False,
     ):
         super().__init__()
         if not 0 <= label_smoothing < 1:
@@ -46,6 +49,7 @@ class ClassifierModule(L.LightningModule):
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ConfigError(f"module.mixup_alpha and module.cutmix_alpha must be >= 0 (0 = off), got {mixup_alpha} and {cutmix_alpha}")
         self.label_smoothing, self.mixup_alpha, self.cutmix_alpha = label_smoothing, mixup_alpha, cutmix_alpha
+        self.tta_flip = tta_flip
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -80,6 +84,8 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
         logits = self.net(x)
+        if self.tta_flip:
+            logits = (logits + self.net(x.flip(-1))) / 2  # b c h w: the last axis is the width
         return F.cross_entropy(logits, y), logits.argmax(dim=1), y
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -69,6 +69,12 @@ def check_input_shape(datamodule: ImageDataModule, net: torch.nn.Module) -> None
             f"the data gives {channels}x{height}x{width} images but the model expects {want[0]}x{want[1]}x{want[2]}: "
             f"set model.img_size={height} or data.image_size={want[1]} (resizes on the device)"
         )
+    sizes = sorted(set(getattr(datamodule, "train_sizes", None) or []) - {height})
+    if sizes and not getattr(net, "dynamic_img_size", False):
+        raise ConfigError(f"data.train_sizes={sizes} trains at other sides than {height}: set model.dynamic_img_size=true")
+    patch = getattr(net, "patch_size", 1)
+    if any(side % patch for side in sizes):
+        raise ConfigError(f"data.train_sizes={sizes} must be multiples of model.patch_size={patch}")
 
 
 def on_cuda(trainer_cfg: Any) -> bool:
@@ -83,6 +89,12 @@ def resolve_precision(trainer_cfg: Any) -> str | int:
         return "16-mixed"
     log.info("No CUDA GPU: running in 32-true precision (16-mixed needs a GPU)")
     return "32-true"
+
+
+def build_callbacks(cfg: DictConfig, has_val: bool = True) -> list[L.Callback]:
+    """The ``callbacks`` group; without a validation split there is nothing to monitor: checkpoints keep the last epoch."""
+    no_val = {} if has_val else {"monitor": None, "filename": "epoch{epoch:03d}"}
+    return [build(node, f"callbacks.{name}", **(no_val if node.get("monitor") else {})) for name, node in (cfg.get("callbacks") or {}).items()]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, **overrides: Any) -> L.Trainer:
@@ -185,9 +197,7 @@ def train(cfg: DictConfig) -> Metrics:
     datamodule, net, module = build_for_fit(cfg)
     saved = module.hparams["config"]
 
-    # Without a validation split there is nothing to monitor: keep the last epoch's checkpoint.
-    no_val = {} if datamodule.has_val else {"monitor": None, "filename": "epoch{epoch:03d}"}
-    callbacks = [build(node, f"callbacks.{name}", **(no_val if node.get("monitor") else {})) for name, node in (cfg.get("callbacks") or {}).items()]
+    callbacks = build_callbacks(cfg, has_val=datamodule.has_val)
     trainer = build_trainer(cfg, callbacks, **({} if datamodule.has_val else {"limit_val_batches": 0}))
     if trainer.world_size > 1:
         accumulate = trainer.accumulate_grad_batches
@@ -276,14 +286,15 @@ def test_checkpoint(cfg: DictConfig, path: Path) -> Metrics:
             f"the checkpoint's model has {net.n_classes} classes but the data has {datamodule.num_classes}: "
             "test it on the data it was trained on (leave out data=...)"
         )
-    module = ClassifierModule(net, config=config)
+    # evaluated as in training: with test-time flip averaging when the run used it
+    module = ClassifierModule(net, config=config, tta_flip=bool((config.get("module") or {}).get("tta_flip", False)))
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:
         raise ConfigError(f"{path} does not match its own model config: {str(e).splitlines()[0]}") from None
     datamodule.setup("test")
     check_input_shape(datamodule, net)
-    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    callbacks = build_callbacks(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks)
     return {"ckpt": str(path), **test_metrics(trainer.test(module, datamodule=datamodule))}
 
