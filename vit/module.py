@@ -67,7 +67,7 @@ class ClassifierModule(L.LightningModule):
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
         """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""
         lr = getattr(optimizer, "keywords", {}).get("lr")
-        if lr is not None and not lr > 0:
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"optim.lr must be > 0, got {lr}")
         try:
             optimizer([nn.Parameter(torch.zeros(1))])

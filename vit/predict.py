@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit import checkpoints
-from vit.cli import run_reporting_errors
+from vit.cli import check_command_line, run_reporting_errors
 from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
 from vit.errors import ConfigError
 from vit.run import build_net
@@ -137,4 +138,5 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).parents[1] / "conf", "predict", sys.argv[1:])
     main()

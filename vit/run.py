@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vit import checkpoints, parallel, report
+from vit import checkpoints, parallel, report, signatures
 from vit.callbacks import RunStats
 from vit.data import ImageDataModule
 from vit.errors import ConfigError
@@ -27,7 +27,11 @@ SAVED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed")
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, turning a constructor's ValueError into a ConfigError that names the config key."""
+    """``hydra.utils.instantiate``, turning a constructor's ValueError into a ConfigError that names the config key.
+
+    Values of the wrong type for their parameter are refused first, naming the key (``optim.lr must be a number``).
+    """
+    signatures.check_values(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node), key)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -174,8 +178,10 @@ def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, Cl
 def train(cfg: DictConfig) -> Metrics:
     """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
     max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {max_epochs}")
+    if max_epochs is not None and not (isinstance(max_epochs, int) and (max_epochs >= 1 or max_epochs == -1)):
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 1 (or -1 for no limit), got {max_epochs!r}")
+    if cfg.get("seed") is not None and not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer or null, got {cfg.seed!r}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("Seed: %d", cfg.seed)
