@@ -24,7 +24,8 @@ class ClassifierModule(L.LightningModule):
     ``optimizer`` is a partial taking the parameters (``_partial_: true`` in config);
     ``scheduler`` a partial taking the optimizer and ``total_steps`` and stepped every batch.
     ``label_smoothing``, ``mixup_alpha`` and ``cutmix_alpha`` change the training loss only:
-    validation and test report plain cross-entropy, comparable across runs.
+    validation and test report plain cross-entropy, comparable across runs. On a mixed batch
+    ``train/acc`` counts a prediction right when it is the label that dominates the image.
     ``config`` (the run's resolved config as plain containers) is stored in every
     checkpoint so ``test.py`` can rebuild the net and the data from the file alone.
     """
@@ -84,17 +85,19 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        target = y
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha)
             logits = self.net(x)
             loss = weight * F.cross_entropy(logits, y_own, label_smoothing=self.label_smoothing) + (1 - weight) * F.cross_entropy(
                 logits, y_partner, label_smoothing=self.label_smoothing
             )
+            target = y_own if weight >= 0.5 else y_partner  # the image is mostly its partner: that is the right answer
         else:
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         preds = logits.argmax(dim=1)
-        self.train_acc.update(preds, y)  # update, not forward: no per-batch accuracy nobody logs
+        self.train_acc.update(preds, target)  # update, not forward: no per-batch accuracy nobody logs
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
