@@ -182,9 +182,9 @@ def train(cfg: DictConfig) -> Metrics:
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and not (isinstance(max_epochs, int) and (max_epochs >= 1 or max_epochs == -1)):
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1 (or -1 for no limit), got {max_epochs!r}")
-    if cfg.get("seed") is not None and not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed must be an integer or null, got {cfg.seed!r}")
     if cfg.get("seed") is not None:
+        if not isinstance(cfg.seed, int):
+            raise ConfigError(f"seed must be an integer or null, got {cfg.seed!r}")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("Seed: %d", cfg.seed)
 
