@@ -20,6 +20,7 @@ from vit.errors import ConfigError
         (["experiment=sed"], "experiment=sed is not an option: use one of assignment, cifar_best, seed, seed_fixed, small_strong (did you mean seed?)"),
         (["-m", "data=fake,fakes"], "data=fakes is not an option: use one of cifar10, fake, folder"),
         (["data=fake", "data.num_clases=3"], "did you mean data.num_classes?"),
+        (["scheduler.warmup_fraction=0.1"], "scheduler is null here; choose it first (scheduler=<one of cosine, none>)"),
     ],
 )
 def test_unknown_keys_and_options_name_the_closest(args, message):

@@ -194,6 +194,10 @@ def _explain_unknown_key(config_name: str, parsed: list[Override], groups: list[
     keys = _flat_keys(OmegaConf.to_container(cfg, resolve=False))
     for o in parsed:
         if o.type == OverrideType.CHANGE and o not in groups and o.key_or_group not in keys:
+            parent = o.key_or_group.rpartition(".")[0]
+            options = GlobalHydra.instance().config_loader().get_group_options(parent) if parent else []
+            if parent in keys and keys[parent] is None and options:  # scheduler.warmup_fraction=0.1 with scheduler=none
+                raise ConfigError(f"{o.key_or_group} is not a config key: {parent} is null here; choose it first ({parent}=<one of {', '.join(options)}>)")
             raise ConfigError(_unknown_key(o.key_or_group, keys))
 
 
@@ -219,12 +223,15 @@ def _unknown_key(key: str, keys: dict[str, Any]) -> str:
     found += [siblings[name] for name in difflib.get_close_matches(leaf, list(siblings), n=3)]
     found += [k for k in candidates if k.rpartition(".")[2] == leaf]
     found += difflib.get_close_matches(key, candidates, n=3, cutoff=0.8)
-    found = list(dict.fromkeys(found))[:3]
+    found = [k for k in dict.fromkeys(found) if not key.startswith(f"{k}.")][:3]  # not the key's own parents
     if found:
         return f"{key} is not a config key: did you mean {' or '.join(found)}?"
-    where = f"{parent} has" if parent in keys and isinstance(keys[parent], dict) else "the config has"
-    names = sorted(name for name in siblings if not name.startswith("_")) or sorted(k for k in candidates if "." not in k)
-    return f"{key} is not a config key: {where} {', '.join(names)}"
+    if parent in keys and isinstance(keys[parent], dict):
+        names = sorted(name for name in siblings if not name.startswith("_"))
+        if not names:  # an open mapping such as hydra.job.env_set: new entries are added with '+'
+            return f"{key} is not a config key: {parent} has no keys yet; add one with +{key}=..."
+        return f"{key} is not a config key: {parent} has {', '.join(names)}"
+    return f"{key} is not a config key: the config has {', '.join(sorted(k for k in candidates if '.' not in k))}"
 
 
 def _first_line(error: BaseException) -> str:
