@@ -1,11 +1,12 @@
-"""Test a checkpoint: python test.py ckpt=outputs/<date>/<time> (a run dir or a .ckpt file)"""
+"""Test a checkpoint: python test.py ckpt=outputs/<date>/<time>_<us> (a run dir or a .ckpt file)"""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from vit.cli import require_plugins, run_reporting_errors
+from vit.cli import check_command_line, run_reporting_errors
 from vit.run import test
 
 
@@ -15,5 +16,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    require_plugins(sys.argv[1:])
+    check_command_line(Path(__file__).parent / "conf", "test", sys.argv[1:])
     main()

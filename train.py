@@ -2,12 +2,13 @@
 
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from vit.cli import objective, require_plugins, run_reporting_errors
+from vit.cli import check_command_line, objective, run_reporting_errors
 from vit.run import train
 
 
@@ -17,5 +18,5 @@ def main(cfg: DictConfig) -> Any:
 
 
 if __name__ == "__main__":
-    require_plugins(sys.argv[1:])
+    check_command_line(Path(__file__).parent / "conf", "train", sys.argv[1:])
     main()

@@ -82,7 +82,27 @@ def test_augmentation_only_in_training():
     dm = fake(augment=True)
     images = dm.test_set.images[:8]
     torch.testing.assert_close(dm.preprocess(images), fake().preprocess(images))
-    assert not torch.allclose(dm.preprocess(images, augment=True), dm.preprocess(images))
+    assert not torch.allclose(dm.preprocess(images, training=True), dm.preprocess(images))
+
+
+def test_trivial_augment_works_without_crop_and_flip(monkeypatch):
+    """data.trivial_augment=true alone applies TrivialAugment (and no crop + flip); data.augment=true alone only crop + flip."""
+    applied = []
+    monkeypatch.setattr("vit.data.trivial_augment", lambda x: applied.append("trivial") or x)
+    monkeypatch.setattr("vit.data.random_crop_flip", lambda x, padding: applied.append("crop_flip") or x)
+    images = fake().test_set.images[:8]
+    for kwargs, expected in [
+        (dict(trivial_augment=True), ["trivial"]),
+        (dict(augment=True), ["crop_flip"]),
+        (dict(augment=True, trivial_augment=True), ["crop_flip", "trivial"]),
+        ({}, []),
+    ]:
+        applied.clear()
+        dm = fake(**kwargs)
+        dm.preprocess(images)  # evaluation: never augmented
+        assert applied == []
+        dm.preprocess(images, training=True)
+        assert applied == expected, kwargs
 
 
 def test_image_size_resizes_on_the_device():

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tests.conftest import CONF
 from vit import augment
@@ -78,6 +80,29 @@ def test_mixup_and_cutmix_mix_with_a_partner():
     for i in range(4):
         from_partner = (cut[i] == x[partner[i]]).float().mean() if partner[i] != i else 1 - weight
         assert float(from_partner) == pytest.approx(1 - weight, abs=1e-6) or partner[i] == i
+
+
+class PredictsFromPixel(nn.Module):
+    """Predicts the class written into each image's first pixel: a net whose predictions the test chooses."""
+
+    n_classes = 4
+
+    def forward(self, x):
+        return F.one_hot(x[:, 0, 0, 0].long(), self.n_classes).float()
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training step called without a Trainer
+@pytest.mark.parametrize("own_weight, accuracy", [(0.3, 1.0), (0.7, 0.0)])
+def test_mixed_batches_score_train_acc_against_the_dominant_label(monkeypatch, own_weight, accuracy):
+    """The net predicts every partner's label: right where the partner dominates the mixed image, wrong where the own image does."""
+    y = torch.arange(8) % 4
+    partner = (y + 1) % 4
+    x = torch.zeros(8, 3, 8, 8)
+    x[:, 0, 0, 0] = partner.float()
+    monkeypatch.setattr("vit.module.mix", lambda x, y, mixup_alpha, cutmix_alpha: (x, y, partner, own_weight))
+    model = ClassifierModule(PredictsFromPixel(), mixup_alpha=0.2, cutmix_alpha=1.0)
+    model.training_step((x, y), 0)
+    assert float(model.train_acc.compute()) == accuracy
 
 
 @pytest.mark.parametrize("kwargs", [dict(label_smoothing=1.0), dict(mixup_alpha=-1.0)])

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from PIL import Image
@@ -85,11 +86,29 @@ def test_event_files_carry_hparams_and_test_images(design_card_sweep):
         if data.HasField("session_start_info"):
             hparams = dict(data.session_start_info.hparams)
         if data.HasField("experiment"):
-            assert {m.name.tag for m in data.experiment.metric_infos} == {"val/acc", "test/acc", "test/loss"}
+            assert {m.name.tag for m in data.experiment.metric_infos} == set(HPARAMS_METRICS)
     assert hparams["max_epochs"].number_value == 2 and hparams["lr"].number_value == pytest.approx(1e-3)
     assert hparams["optimizer"].string_value == "Adam" and hparams["params"].number_value > 0
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
+    for tag, key in HPARAMS_METRICS.items():  # HPARAMS shows the run's real metrics
+        assert [e.value for e in events.Scalars(tag)] == [pytest.approx(metrics[key])]
     assert "hp_metric" not in events.Tags()["scalars"]
+
+
+HPARAMS_METRICS = {"hparams/best_val_acc": "val/acc", "hparams/test_acc": "test/acc", "hparams/test_loss": "test/loss"}
+
+
+def test_tensorboard_keeps_every_point_of_every_curve(design_card_sweep):
+    """Read as TensorBoard reads it (its loader, default settings): a step going back would drop the points after it."""
+    (job,) = [j for j in report.job_dirs(design_card_sweep) if report.job_row(j)["max_epochs"] == 3 and report.job_row(j)["lr"] == 1e-3 and report.job_row(j)["batch_size"] == 32]
+    events = EventAccumulator(str(job / "tensorboard"))
+    events.Reload()
+    for tag in ("val/acc", "val/loss", "train/acc", "train/loss_epoch"):
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == 3 and steps == sorted(set(steps)) and steps[0] > 0, (tag, steps)
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert [e.value for e in events.Scalars("test/acc")] == [pytest.approx(metrics["test/acc"])]
+    assert max(e.value for e in events.Scalars("val/acc")) == pytest.approx(metrics["val/acc"])
 
 
 def test_report_rebuilds_an_interrupted_sweep(design_card_sweep, tmp_path):
@@ -115,6 +134,11 @@ def test_test_script_on_a_sweep_prints_the_table(design_card_sweep, tmp_path):
     assert len(rows) == 8
     for row in rows:
         assert float(row["test_acc"]) == pytest.approx(float(original[row["job"]]["test_acc"]))
+        # each job's test is a TensorBoard run of its own, named after the job
+        events = EventAccumulator(str(tmp_path / "test" / "tensorboard" / f"job{row['job']}"))
+        events.Reload()
+        assert [e.value for e in events.Scalars("test/acc")] == [pytest.approx(float(row["test_acc"]))]
+    assert not list((tmp_path / "test" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_a_failing_job_keeps_its_row_and_the_others_run(tmp_path):
@@ -128,6 +152,25 @@ def test_a_failing_job_keeps_its_row_and_the_others_run(tmp_path):
     assert rows["1"]["status"] == "ok" and float(rows["1"]["test_acc"]) >= 0
     assert list(rows) == ["1", "0"]  # the good job first
     assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.png").exists()
+
+
+def test_summary_plot_has_epoch_ticks_and_shows_one_epoch_jobs():
+    rows = [
+        {"job": str(i), "max_epochs": 1, "batch_size": 32, "lr": 1e-3, "status": "ok", "test_acc": 0.5, "history": [{"epoch": 0, "val/acc": 0.4}]}
+        for i in range(3)
+    ] + [{"job": "3", "max_epochs": 3, "batch_size": 32, "lr": 1e-4, "status": "ok", "test_acc": 0.6, "history": [{"epoch": e, "val/acc": 0.5} for e in range(3)]}]
+    fig = report.figure(rows, [], "sweep")
+    curves = fig.axes[1]
+    fig.canvas.draw()
+    ticks = [t for t in curves.get_xticks() if curves.get_xlim()[0] <= t <= curves.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    lines = curves.get_lines()
+    assert len(lines) == 4 and len(curves.get_legend().get_texts()) == 4
+    single = [line for line in lines if len(line.get_xdata()) == 1]
+    # each 1-epoch job at the same point stays visible: its own marker shape, drawn open and larger than the curves' dots
+    assert len({line.get_marker() for line in single}) == 3
+    assert all(line.get_markersize() > lines[-1].get_markersize() and line.get_markerfacecolor() == "none" for line in single)
+    plt.close(fig)
 
 
 def test_rollout_rows_sum_to_one():

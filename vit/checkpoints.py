@@ -12,7 +12,7 @@ import torch
 from vit.callbacks import INTERRUPTED
 from vit.errors import ConfigError
 
-USAGE = "give ckpt=outputs/<date>/<time> (a run dir) or ckpt=path/to/file.ckpt"
+USAGE = "give ckpt=outputs/<date>/<time>_<us> (a run dir) or ckpt=path/to/file.ckpt"
 
 
 def resolve(path: str | Path | None) -> Path:

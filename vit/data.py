@@ -226,16 +226,18 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
-    def preprocess(self, images: Tensor, augment: bool = False) -> Tensor:
-        """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input."""
+    def preprocess(self, images: Tensor, training: bool = False) -> Tensor:
+        """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input; ``training`` applies the
+        augmentations switched on, each on its own (``augment``: crop + flip, ``trivial_augment``: TrivialAugment)."""
         if self.mean.device != images.device:  # moved once, not copied every batch
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        return to_model_input(images, self.mean, self.std, self.image_size, self.crop_padding if augment else None, augment and self.trivial_augment)
+        crop_padding = self.crop_padding if training and self.augment else None
+        return to_model_input(images, self.mean, self.std, self.image_size, crop_padding, training and self.trivial_augment)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        x = self.preprocess(images, augment=self.augment and training)
+        x = self.preprocess(images, training=training)
         side = self.train_side(self.trainer.current_epoch) if training else None
         if side is not None and x.shape[-1] != side:
             # resizing is linear and keeps constants, so it commutes with the normalisation

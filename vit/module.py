@@ -24,7 +24,8 @@ class ClassifierModule(L.LightningModule):
     ``optimizer`` is a partial taking the parameters (``_partial_: true`` in config);
     ``scheduler`` a partial taking the optimizer and ``total_steps`` and stepped every batch.
     ``label_smoothing``, ``mixup_alpha`` and ``cutmix_alpha`` change the training loss only:
-    validation and test report plain cross-entropy, comparable across runs.
+    validation and test report plain cross-entropy, comparable across runs. On a mixed batch
+    ``train/acc`` counts a prediction right when it is the label that dominates the image.
     ``tta_flip`` (test-time augmentation) averages the logits of each image and its mirror image
     in validation and test: one more forward pass for a steadier prediction.
     ``config`` (the run's resolved config as plain containers) is stored in every
@@ -71,7 +72,7 @@ class ClassifierModule(L.LightningModule):
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
         """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""
         lr = getattr(optimizer, "keywords", {}).get("lr")
-        if lr is not None and not lr > 0:
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"optim.lr must be > 0, got {lr}")
         try:
             optimizer([nn.Parameter(torch.zeros(1))])
@@ -90,17 +91,19 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        target = y
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha)
             logits = self.net(x)
             loss = weight * F.cross_entropy(logits, y_own, label_smoothing=self.label_smoothing) + (1 - weight) * F.cross_entropy(
                 logits, y_partner, label_smoothing=self.label_smoothing
             )
+            target = y_own if weight >= 0.5 else y_partner  # the image is mostly its partner: that is the right answer
         else:
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         preds = logits.argmax(dim=1)
-        self.train_acc.update(preds, y)  # update, not forward: no per-batch accuracy nobody logs
+        self.train_acc.update(preds, target)  # update, not forward: no per-batch accuracy nobody logs
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss

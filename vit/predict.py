@@ -4,13 +4,14 @@
 
 Any image (any size, grayscale, RGBA, PNG or JPEG) becomes the model's input exactly as the
 training data did. A directory gets a ``predictions.csv``; ``attention=true`` writes an
-attention-rollout overlay PNG per image. Outputs go to ``outputs/predict/<date>/<time>``.
+attention-rollout overlay PNG per image. Outputs go to ``outputs/predict/<date>/<time>_<us>``.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit import checkpoints
-from vit.cli import run_reporting_errors
+from vit.cli import check_command_line, run_reporting_errors
 from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
 from vit.errors import ConfigError
 from vit.run import build_net
@@ -58,7 +59,7 @@ def model_input(files: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, 
 
 
 def overlay(image: torch.Tensor, saliency: torch.Tensor, title: str, path: Path) -> None:
-    """Writes the image with the rollout heat map over it, side by side with the image alone."""
+    """Writes the image with the rollout heat map blended lightly over it and a colour scale, beside the image alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,14 +67,17 @@ def overlay(image: torch.Tensor, saliency: torch.Tensor, title: str, path: Path)
 
     picture = image.permute(1, 2, 0).numpy()
     heat = torch.nn.functional.interpolate(saliency[None, None], size=picture.shape[:2], mode="bilinear")[0, 0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.2), dpi=100)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6.6, 3.2), dpi=100)
     left.imshow(picture, interpolation="nearest")
     left.set_title("input", fontsize=9)
     right.imshow(picture, interpolation="nearest")
-    right.imshow(heat.numpy(), cmap="jet", alpha=0.5, interpolation="bilinear")
+    heatmap = right.imshow(heat.numpy(), cmap="jet", alpha=0.35, vmin=0, vmax=1, interpolation="bilinear")  # light: the image shows through
     right.set_title("attention rollout", fontsize=9)
     for ax in (left, right):
         ax.axis("off")
+    bar = fig.colorbar(heatmap, ax=right, fraction=0.046, pad=0.04)
+    bar.set_label("share of attention (1 = the most-attended patch)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -137,4 +141,5 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).parents[1] / "conf", "predict", sys.argv[1:])
     main()

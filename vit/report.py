@@ -125,11 +125,24 @@ def _label(row: dict[str, Any], extra: list[str]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], extra: list[str], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, extra, title)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# Jobs with a single epoch are single points, often at the same place: each gets its own open marker, drawn larger.
+SINGLE_POINT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def figure(rows: list[dict[str, Any]], extra: list[str], title: str) -> Any:
     """Left: test accuracy per configuration (best at the top); right: val accuracy per epoch of every job."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(14, 1.5 + 0.45 * max(len(rows), 4)), dpi=100)
     labels = [_label(r, extra) for r in rows][::-1]
@@ -141,10 +154,16 @@ def plot(rows: list[dict[str, Any]], extra: list[str], path: Path, title: str) -
     bars.set_xlabel("test accuracy (%)")
     bars.set_xlim(0, 110)
     bars.set_title("test accuracy per configuration (green: best by val acc)")
+    single = 0
     for row in rows:
         points = [(h["epoch"] + 1, 100 * h["val/acc"]) for h in row["history"] if "val/acc" in h]
-        if points:
+        if len(points) == 1:
+            marker = SINGLE_POINT_MARKERS[single % len(SINGLE_POINT_MARKERS)]
+            curves.plot(*zip(*points), marker=marker, markersize=9, markerfacecolor="none", markeredgewidth=1.5, linestyle="none", label=_label(row, extra))
+            single += 1
+        elif points:
             curves.plot(*zip(*points), marker="o", markersize=3, label=_label(row, extra))
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set_xlabel("epoch")
     curves.set_ylabel("val accuracy (%)")
     curves.set_title("val accuracy per epoch")
@@ -152,8 +171,7 @@ def plot(rows: list[dict[str, Any]], extra: list[str], path: Path, title: str) -
         curves.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def rebuild(sweep_dir: str | Path) -> str:
@@ -210,7 +228,7 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not is_sweep_dir(args[0]):
-        print("usage: python -m vit.report SWEEP_DIR  (a dir of job dirs, e.g. outputs/multirun/<date>/<time>)", file=sys.stderr)
+        print("usage: python -m vit.report SWEEP_DIR  (a dir of job dirs, e.g. outputs/multirun/<date>/<time>_<us>)", file=sys.stderr)
         return 2
     print(rebuild(args[0]))
     return 0

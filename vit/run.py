@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vit import checkpoints, parallel, report
+from vit import checkpoints, parallel, report, signatures
 from vit.callbacks import RunStats
 from vit.data import ImageDataModule
 from vit.errors import ConfigError
@@ -27,7 +27,11 @@ SAVED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed")
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, turning a constructor's ValueError into a ConfigError that names the config key."""
+    """``hydra.utils.instantiate``, turning a constructor's ValueError into a ConfigError that names the config key.
+
+    Values of the wrong type for their parameter are refused first, naming the key (``optim.lr must be a number``).
+    """
+    signatures.check_values(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node), key)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -97,8 +101,10 @@ def build_callbacks(cfg: DictConfig, has_val: bool = True) -> list[L.Callback]:
     return [build(node, f"callbacks.{name}", **(no_val if node.get("monitor") else {})) for name, node in (cfg.get("callbacks") or {}).items()]
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, **overrides: Any) -> L.Trainer:
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+def build_trainer(cfg: DictConfig, callbacks: list, logger_version: str | None = None, **overrides: Any) -> L.Trainer:
+    """The Trainer with the configured loggers; ``logger_version`` makes them write to a sub-dir of that name (one TensorBoard run)."""
+    version = {} if logger_version is None else {"version": logger_version}
+    loggers = [build(node, f"logger.{name}", **version) for name, node in (cfg.get("logger") or {}).items()]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
     parallel.check_no_relaunch_in_sweep(trainer)
     return trainer
@@ -186,9 +192,11 @@ def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, Cl
 def train(cfg: DictConfig) -> Metrics:
     """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
     max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1 for no limit), got {max_epochs}")
+    if max_epochs is not None and not (isinstance(max_epochs, int) and (max_epochs >= 1 or max_epochs == -1)):
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 1 (or -1 for no limit), got {max_epochs!r}")
     if cfg.get("seed") is not None:
+        if not isinstance(cfg.seed, int):
+            raise ConfigError(f"seed must be an integer or null, got {cfg.seed!r}")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("Seed: %d", cfg.seed)
 
@@ -243,8 +251,13 @@ def run_info(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None) ->
     }
 
 
+# The run's metrics as HPARAMS shows them, under tags of their own: written at step 0 under the curves' own tags,
+# TensorBoard would take the step going back as a restart and drop the curves' earlier points.
+HPARAMS_METRICS = {"val/acc": "hparams/best_val_acc", "test/acc": "hparams/test_acc", "test/loss": "hparams/test_loss"}
+
+
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metrics: Metrics) -> None:
-    """TensorBoard's HPARAMS tab: the settings people compare, with the run's real final metrics."""
+    """TensorBoard's HPARAMS tab: the settings people compare, with the run's real metrics (the best epoch's val/acc)."""
     scheduler = cfg.get("scheduler")
     hparams = {
         "max_epochs": cfg.trainer.max_epochs,
@@ -255,12 +268,13 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metri
         "scheduler": str(scheduler._target_).rsplit(".", 1)[-1] if scheduler else "none",
         "data": str(cfg.data._target_).rsplit(".", 1)[-1],
         "augment": cfg.data.get("augment", False),
+        "trivial_augment": cfg.data.get("trivial_augment", False),
         "val_size": cfg.data.val_size,
         "params": sum(p.numel() for p in net.parameters()),
         **{f"model/{k}": cfg.model[k] for k in ("patch_size", "emb_size", "depth", "num_heads", "seed_attention") if k in cfg.model},
         "seed": cfg.get("seed"),
     }
-    final = {k: v for k, v in metrics.items() if k in ("val/acc", "test/acc", "test/loss") and v is not None}
+    final = {HPARAMS_METRICS[k]: v for k, v in metrics.items() if k in HPARAMS_METRICS and v is not None}
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams, metrics=final)
         logger.finalize("success")
@@ -275,7 +289,7 @@ def test(cfg: DictConfig) -> Metrics:
     return metrics
 
 
-def test_checkpoint(cfg: DictConfig, path: Path) -> Metrics:
+def test_checkpoint(cfg: DictConfig, path: Path, logger_version: str | None = None) -> Metrics:
     checkpoint = checkpoints.load(path)
     config = checkpoint["hyper_parameters"]["config"]
     log.info("Testing %s", path)
@@ -295,17 +309,18 @@ def test_checkpoint(cfg: DictConfig, path: Path) -> Metrics:
     datamodule.setup("test")
     check_input_shape(datamodule, net)
     callbacks = build_callbacks(cfg)
-    trainer = build_trainer(cfg, callbacks=callbacks)
+    trainer = build_trainer(cfg, callbacks=callbacks, logger_version=logger_version)
     return {"ckpt": str(path), **test_metrics(trainer.test(module, datamodule=datamodule))}
 
 
 def test_sweep(cfg: DictConfig, sweep_dir: Path) -> Metrics:
-    """Tests every job's best checkpoint; writes and prints the sweep table with the fresh test figures."""
+    """Tests every job's best checkpoint, each a TensorBoard run of its own (``tensorboard/job<n>``); writes and
+    prints the sweep table with the fresh test figures."""
     rows, extra = report.collect(sweep_dir)
     results: Metrics = {}
     for row in rows:
         if row["ckpt"] and Path(row["ckpt"]).exists():
-            fresh = test_checkpoint(cfg, Path(row["ckpt"]))
+            fresh = test_checkpoint(cfg, Path(row["ckpt"]), logger_version=f"job{row['job']}")
             row.update(test_acc=fresh["test/acc"], test_loss=fresh["test/loss"])
             results[row["job"]] = fresh
     table = report.write(rows, extra, Path(cfg.paths.output_dir), title=f"Sweep {sweep_dir}, tested again")
