@@ -17,7 +17,10 @@ from vit.errors import ConfigError
         (["trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
         (["batch_size=64"], "did you mean data.batch_size?"),
         (["optm.lr=1e-3"], "did you mean optim.lr?"),
-        (["experiment=sed"], "experiment=sed is not an option: use one of assignment, cifar_best, seed, seed_fixed, small_strong (did you mean seed?)"),
+        (
+            ["experiment=sed"],
+            f"experiment=sed is not an option: use one of {', '.join(sorted(p.stem for p in (CONF / 'experiment').glob('*.yaml')))} (did you mean seed?)",
+        ),
         (["-m", "data=fake,fakes"], "data=fakes is not an option: use one of cifar10, fake, folder"),
         (["data=fake", "data.num_clases=3"], "did you mean data.num_classes?"),
         (["scheduler.warmup_fraction=0.1"], "scheduler is null here; choose it first (scheduler=<one of cosine, none>)"),
