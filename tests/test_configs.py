@@ -42,7 +42,9 @@ def test_data_options_instantiate(make_cfg, tmp_path, option):
 def test_model_options_instantiate(make_cfg, option):
     cfg = make_cfg([f"model={option}"], tiny=False)
     net = build_net(cfg.model, 10)
-    assert isinstance(net, ViT) and net.n_classes == 10
+    assert net.n_classes == 10 and isinstance(net, ViT) == cfg.model._target_.startswith("vit.model.")
+    side = net.img_size or 32  # None: any size
+    assert net(torch.zeros(1, net.in_channels, side, side)).shape == (1, 10)
 
 
 def test_model_configs_give_the_manuals_models(make_cfg):

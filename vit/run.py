@@ -39,14 +39,17 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def build_net(model_cfg: Any, num_classes: int | None = None) -> torch.nn.Module:
+def build_net(model_cfg: Any, num_classes: int | None = None, pretrained: bool = True) -> torch.nn.Module:
     """The net with ``n_classes`` taken from the data (an explicit value that disagrees is an error).
 
     ``model.compile=true`` compiles the net in place (``nn.Module.compile``), so its state_dict keys,
-    and so every checkpoint, are the same as without it.
+    and so every checkpoint, are the same as without it. ``pretrained=False`` leaves out pretrained
+    weights (``model.pretrained``, ``model.pretrained_file``): a checkpoint's weights replace them.
     """
     options = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
     compile_net = options.pop("compile", False)
+    if not pretrained:
+        options.update({k: default for k, default in (("pretrained", False), ("pretrained_file", None)) if k in options})
     n_classes = options.get("n_classes")
     if num_classes is not None:
         if n_classes is not None and n_classes != num_classes:
@@ -63,7 +66,8 @@ def build_net(model_cfg: Any, num_classes: int | None = None) -> torch.nn.Module
 
 def check_input_shape(datamodule: ImageDataModule, net: torch.nn.Module) -> None:
     channels, height, width = datamodule.image_shape()
-    want = (getattr(net, "in_channels", channels), getattr(net, "img_size", height), getattr(net, "img_size", width))
+    side = getattr(net, "img_size", None)  # None: the net takes any size (a CNN)
+    want = (getattr(net, "in_channels", channels), side or height, side or width)
     if (channels, height, width) != want:
         raise ConfigError(
             f"the data gives {channels}x{height}x{width} images but the model expects {want[0]}x{want[1]}x{want[2]}: "
@@ -243,11 +247,12 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metri
         "optimizer": str(cfg.optim._target_).rsplit(".", 1)[-1],
         "weight_decay": cfg.optim.get("weight_decay", 0.0),
         "scheduler": str(scheduler._target_).rsplit(".", 1)[-1] if scheduler else "none",
+        "model": cfg.model.get("name") or str(cfg.model._target_).rsplit(".", 1)[-1],
         "data": str(cfg.data._target_).rsplit(".", 1)[-1],
         "augment": cfg.data.get("augment", False),
         "val_size": cfg.data.val_size,
         "params": sum(p.numel() for p in net.parameters()),
-        **{f"model/{k}": cfg.model[k] for k in ("patch_size", "emb_size", "depth", "num_heads", "seed_attention") if k in cfg.model},
+        **{f"model/{k}": cfg.model[k] for k in ("patch_size", "emb_size", "depth", "num_heads", "seed_attention", "pretrained") if cfg.model.get(k) is not None},
         "seed": cfg.get("seed"),
     }
     final = {k: v for k, v in metrics.items() if k in ("val/acc", "test/acc", "test/loss") and v is not None}
@@ -270,7 +275,7 @@ def test_checkpoint(cfg: DictConfig, path: Path) -> Metrics:
     config = checkpoint["hyper_parameters"]["config"]
     log.info("Testing %s", path)
     datamodule: ImageDataModule = build(cfg.data if cfg.get("data") else config["data"], "data")
-    net = build_net({**config["model"], "compile": False})
+    net = build_net({**config["model"], "compile": False}, pretrained=False)
     if datamodule.num_classes != net.n_classes:
         raise ConfigError(
             f"the checkpoint's model has {net.n_classes} classes but the data has {datamodule.num_classes}: "
