@@ -35,7 +35,9 @@ def test_data_options_instantiate(make_cfg, tmp_path, option):
     root = make_image_folder(tmp_path / "images")
     cfg = make_cfg([f"data={option}", f"data.root={root}"] if option == "folder" else [f"data={option}"], tiny=False)
     dm = instantiate(cfg.data)
-    assert dm.batch_size == 32 and dm.num_classes == (2 if option == "folder" else 10)
+    assert dm.batch_size == 32
+    if option != "cifar100":  # its class names are in its files (tests/test_datasets.py)
+        assert dm.num_classes == (2 if option == "folder" else 10)
 
 
 @pytest.mark.parametrize("option", options("model"))
