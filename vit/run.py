@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vit import checkpoints, parallel, report
@@ -89,8 +91,18 @@ def resolve_precision(trainer_cfg: Any) -> str | int:
     return "32-true"
 
 
+def build_logger(node: Any, name: str) -> Any:
+    """A logger; one whose tracker is an optional extra that is not installed is a one-line error."""
+    try:
+        return build(node, f"logger.{name}")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ImportError):
+            raise ConfigError(f"logger={name} needs its tracker ({str(e.__cause__).strip().splitlines()[0]}): pip install -e \".[trackers]\"") from None
+        raise
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, **overrides: Any) -> L.Trainer:
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    loggers = [build_logger(node, name) for name, node in (cfg.get("logger") or {}).items()]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
     parallel.check_no_relaunch_in_sweep(trainer)
     return trainer
@@ -238,7 +250,9 @@ def run_info(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None) ->
 
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metrics: Metrics) -> None:
-    """TensorBoard's HPARAMS tab: the settings people compare, with the run's real final metrics."""
+    """The settings people compare, with the run's real final metrics, to every logger: TensorBoard's HPARAMS tab
+    takes them together; the others (CSV, MLflow, W&B) get the settings as hyperparameters and the final
+    metrics as ``final/val/acc``, ``final/test/acc``, ``final/test/loss`` (``val/acc`` is the tested checkpoint's)."""
     scheduler = cfg.get("scheduler")
     hparams = {
         "max_epochs": cfg.trainer.max_epochs,
@@ -257,8 +271,14 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metri
     }
     final = {k: v for k, v in metrics.items() if k in ("val/acc", "test/acc", "test/loss") and v is not None}
     for logger in trainer.loggers:
-        logger.log_hyperparams(hparams, metrics=final)
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            logger.log_hyperparams(hparams, metrics=final)
+        else:
+            logger.log_hyperparams(hparams)
+            logger.log_metrics({f"final/{k}": v for k, v in final.items()}, step=trainer.global_step)
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # else the next run in this process (a sweep's next job) would log into this one
 
 
 def test(cfg: DictConfig) -> Metrics:
