@@ -159,3 +159,15 @@ def test_vit_tiny_cifar_is_the_timm_command(make_cfg):
     preset = make_cfg(["model=vit_tiny_cifar"], tiny=False).model
     command = make_cfg(["model=timm", "model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=4"], tiny=False).model
     assert preset == command
+
+
+def test_finetune_preset_builds_from_a_local_file(make_cfg, tmp_path):
+    """experiment=finetune, offline: its net (one block here) from a weights file, at the data's resized 224x224."""
+    source = TimmNet("vit_small_patch16_224", n_classes=1000, img_size=224, kwargs={"depth": 1})
+    weights = tmp_path / "vit_small.pth"
+    torch.save(source.model.state_dict(), weights)
+    cfg = make_cfg([*DATA, "experiment=finetune", f"model.pretrained_file={weights}", "model.kwargs={depth:1}"], tiny=False)
+    assert cfg.optim.lr == 1e-4 and cfg.scheduler.warmup_fraction == 0.1 and cfg.model.pretrained
+    datamodule, net, module = run.build_for_fit(cfg)  # checks the data's 224x224 against the net
+    assert datamodule.image_shape() == (3, 224, 224) and net.img_size == 224 and net.n_classes == 10
+    torch.testing.assert_close(net.model.blocks[0].attn.qkv.weight, source.model.blocks[0].attn.qkv.weight)
