@@ -142,3 +142,15 @@ def test_offline_without_files_is_one_line_naming_the_alternatives(tmp_path, mon
     message = str(info.value)
     assert message.startswith(f"{title} is not in {tmp_path}") and "\n" not in message
     assert "data=folder data.root=" in message and "data=fake" in message
+
+
+def test_confusion_figure_of_100_classes_stays_a_picture():
+    """CIFAR-100's test figure: no 10,000 cell counts on a 61-inch canvas (as 10 classes get), but a bounded heat map."""
+    from vit.figures import confusion_figure
+
+    fig = confusion_figure(torch.eye(100, dtype=torch.long) * 5, list(NAMES))
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width <= 1600 and height <= 1600
+    assert not fig.axes[0].texts  # counts only where they can be read
+    few = confusion_figure(torch.eye(10, dtype=torch.long) * 5, list(NAMES[:10]))
+    assert len(few.axes[0].texts) == 100
