@@ -55,6 +55,9 @@ def test_each_experiment_trains_a_few_batches(make_cfg, experiment):
     overrides = [f"experiment={experiment}", *FEW_BATCHES, "data.val_size=0" if "seed" in experiment else "data.val_size=64"]
     if experiment == "cifar_best":
         overrides += ["model.compile=false"]  # compiling a 6M-parameter net takes a minute on 2 cores
+    if experiment == "finetune":
+        # no download in tests (fine-tuning from a weights file: tests/test_zoo.py), and one block of the ViT-S at 224
+        overrides += ["model.pretrained=false", "model.kwargs={depth:1}", "data.batch_size=16"]
     metrics = train(make_cfg(overrides, tiny=False))
     assert 0 <= metrics["test/acc"] <= 1
 

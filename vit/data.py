@@ -1,4 +1,4 @@
-"""CIFAR-10 (and any ImageFolder tree) as LightningDataModules.
+"""CIFAR-10, CIFAR-100, SVHN (and any ImageFolder tree) as LightningDataModules.
 
 A whole data set is held as one uint8 tensor, shape (n, c, h, w), and batches are
 cut from it by index: no per-sample PIL work. Float conversion, normalisation,
@@ -7,11 +7,12 @@ resizing and augmentation run batched on the device in ``on_after_batch_transfer
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.error import URLError
 
 import lightning as L
@@ -257,30 +258,76 @@ class ImageDataModule(L.LightningDataModule):
         return (c, self.image_size, self.image_size) if self.image_size else (c, h, w)
 
 
-class CIFAR10DataModule(ImageDataModule):
-    """torchvision's CIFAR-10, downloaded into ``data_dir`` on first use."""
+class TorchvisionDataModule(ImageDataModule):
+    """A data set of torchvision's, downloaded into ``data_dir`` on first use; offline and not there, one line naming the
+    alternatives. Subclasses build the torchvision data set of a split and take its arrays as uint8 tensors."""
 
-    classes = CIFAR10_CLASSES
+    title = ""
+
+    def _dataset(self, train: bool, download: bool = False) -> Any:
+        raise NotImplementedError
 
     def prepare_data(self) -> None:
-        from torchvision.datasets import CIFAR10
-
         try:
             for train in (True, False):
-                CIFAR10(self.data_dir, train=train, download=True)
+                self._dataset(train, download=True)
         except (URLError, OSError, RuntimeError) as e:
             raise ConfigError(
-                f"CIFAR-10 is not in {self.data_dir} and could not be downloaded ({e}). "
+                f"{self.title} is not in {self.data_dir} and could not be downloaded ({e}). "
                 "Offline, use an ImageFolder copy: data=folder data.root=DIR (e.g. ../shared/data/cifar10-jpeg), "
                 "or synthetic data: data=fake"
             ) from None
 
-    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+
+class CIFAR10DataModule(TorchvisionDataModule):
+    """torchvision's CIFAR-10."""
+
+    title = "CIFAR-10"
+    classes = CIFAR10_CLASSES
+
+    def _dataset(self, train: bool, download: bool = False) -> Any:
         from torchvision.datasets import CIFAR10
 
-        data = CIFAR10(self.data_dir, train=train, download=False)
+        return CIFAR10(self.data_dir, train=train, download=download)
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        data = self._dataset(train)
         images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()  # n h w c -> n c h w
         return images, torch.tensor(data.targets, dtype=torch.long)
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """torchvision's CIFAR-100 with its 100 fine labels; the class names come from the data set's metadata
+    (read on first use, downloading the data set if it is not there yet)."""
+
+    title = "CIFAR-100"
+
+    def _dataset(self, train: bool, download: bool = False) -> Any:
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100(self.data_dir, train=train, download=download)
+
+    @functools.cached_property
+    def classes(self) -> tuple[str, ...]:
+        self.prepare_data()
+        return tuple(self._dataset(train=False).classes)
+
+
+class SVHNDataModule(TorchvisionDataModule):
+    """torchvision's SVHN (Street View House Numbers: 73,257 training and 26,032 test digits), in ``data_dir/svhn``;
+    the "extra" split is not used."""
+
+    title = "SVHN"
+    classes = tuple(str(digit) for digit in range(10))
+
+    def _dataset(self, train: bool, download: bool = False) -> Any:
+        from torchvision.datasets import SVHN
+
+        return SVHN(str(Path(self.data_dir) / "svhn"), split="train" if train else "test", download=download)
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        data = self._dataset(train)
+        return torch.from_numpy(data.data).contiguous(), torch.from_numpy(data.labels).long()  # already n c h w
 
 
 class FolderDataModule(ImageDataModule):

@@ -15,17 +15,22 @@ from torch import Tensor  # noqa: E402
 from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 
 
+MAX_COUNTED_CLASSES = 20  # beyond this (CIFAR-100) the cells are too small to hold their counts
+
+
 def confusion_figure(matrix: Tensor, classes: list[str]) -> plt.Figure:
-    """Rows: true class, columns: predicted; counts written in the cells."""
+    """Rows: true class, columns: predicted; counts written in the cells for up to 20 classes, a bounded heat map beyond."""
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.6 * n), dpi=100)
+    side = min(1 + 0.6 * n, 16)
+    fig, ax = plt.subplots(figsize=(side, side), dpi=100)
     ax.imshow(matrix.numpy(), cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    labels = None if n <= MAX_COUNTED_CLASSES else 4  # tick label font size (None: the default)
+    ax.set_xticks(range(n), classes, rotation=45 if n <= MAX_COUNTED_CLASSES else 90, ha="right", fontsize=labels)
+    ax.set_yticks(range(n), classes, fontsize=labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     top = float(matrix.max()) if matrix.numel() else 0.0
-    for i in range(n):
+    for i in range(n if n <= MAX_COUNTED_CLASSES else 0):
         for j in range(n):
             value = int(matrix[i, j])
             ax.text(j, i, value, ha="center", va="center", fontsize=7, color="white" if value > top / 2 else "black")

@@ -32,7 +32,7 @@ def load_net(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained net (eval mode) and its run config, from a checkpoint alone."""
     checkpoint = checkpoints.load(path)
     config = checkpoint["hyper_parameters"]["config"]
-    net = build_net({**config["model"], "compile": False})
+    net = build_net({**config["model"], "compile": False}, pretrained=False)
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(weights)
     return net.eval(), config
@@ -89,6 +89,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     if not isinstance(cfg.top_k, int) or cfg.top_k < 1:
         raise ConfigError(f"top_k must be an integer >= 1, got {cfg.top_k!r}")
     net, config = load_net(checkpoints.resolve(cfg.get("ckpt")))
+    if cfg.attention and not getattr(net, "has_attention", hasattr(net, "attention_rollout")):
+        name = config["model"].get("name") or config["model"]["_target_"].rsplit(".", 1)[-1]
+        raise ConfigError(f"the model {name} has no attention maps: leave out attention=true")
     classes = config.get("classes") or [f"class{i}" for i in range(net.n_classes)]
     files = image_files(cfg.get("image"))
     out_dir = Path(cfg.paths.output_dir)
@@ -117,9 +120,15 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def patch_saliency(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(b, h, w) share of each patch in the pooled output; the head averages all tokens, so the rollout rows are averaged."""
+    """(b, h, w) share of each patch in the pooled output: the rollout rows of the tokens the head pools, averaged.
+
+    The manual's head averages all tokens; timm's ViTs take the class token (``global_pool="token"``) or the
+    mean of the patch tokens (``"avg"``), after ``num_prefix_tokens`` class (and register) tokens.
+    """
     rollout = net.attention_rollout(x)  # b n n
-    weights = rollout.mean(dim=1)[:, 1:]  # drop the class token's column
+    prefix = getattr(net, "num_prefix_tokens", 1)
+    pooled = {"token": rollout[:, :1], "avg": rollout[:, prefix:]}.get(getattr(net, "global_pool", None), rollout)
+    weights = pooled.mean(dim=1)[:, prefix:]  # drop the class token's columns
     side = int(weights.shape[-1] ** 0.5)
     weights = weights.view(-1, side, side)
     return weights / weights.amax(dim=(1, 2), keepdim=True)

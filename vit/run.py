@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vit import checkpoints, parallel, report, signatures
@@ -43,14 +45,17 @@ def build(node: Any, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def build_net(model_cfg: Any, num_classes: int | None = None) -> torch.nn.Module:
+def build_net(model_cfg: Any, num_classes: int | None = None, pretrained: bool = True) -> torch.nn.Module:
     """The net with ``n_classes`` taken from the data (an explicit value that disagrees is an error).
 
     ``model.compile=true`` compiles the net in place (``nn.Module.compile``), so its state_dict keys,
-    and so every checkpoint, are the same as without it.
+    and so every checkpoint, are the same as without it. ``pretrained=False`` leaves out pretrained
+    weights (``model.pretrained``, ``model.pretrained_file``): a checkpoint's weights replace them.
     """
     options = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
     compile_net = options.pop("compile", False)
+    if not pretrained:
+        options.update({k: default for k, default in (("pretrained", False), ("pretrained_file", None)) if k in options})
     n_classes = options.get("n_classes")
     if num_classes is not None:
         if n_classes is not None and n_classes != num_classes:
@@ -67,7 +72,8 @@ def build_net(model_cfg: Any, num_classes: int | None = None) -> torch.nn.Module
 
 def check_input_shape(datamodule: ImageDataModule, net: torch.nn.Module) -> None:
     channels, height, width = datamodule.image_shape()
-    want = (getattr(net, "in_channels", channels), getattr(net, "img_size", height), getattr(net, "img_size", width))
+    side = getattr(net, "img_size", None)  # None: the net takes any size (a CNN)
+    want = (getattr(net, "in_channels", channels), side or height, side or width)
     if (channels, height, width) != want:
         raise ConfigError(
             f"the data gives {channels}x{height}x{width} images but the model expects {want[0]}x{want[1]}x{want[2]}: "
@@ -101,10 +107,20 @@ def build_callbacks(cfg: DictConfig, has_val: bool = True) -> list[L.Callback]:
     return [build(node, f"callbacks.{name}", **(no_val if node.get("monitor") else {})) for name, node in (cfg.get("callbacks") or {}).items()]
 
 
+def build_logger(node: Any, name: str, **kwargs: Any) -> Any:
+    """A logger; one whose tracker is an optional extra that is not installed is a one-line error."""
+    try:
+        return build(node, f"logger.{name}", **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ImportError):
+            raise ConfigError(f"logger={name} needs its tracker ({str(e.__cause__).strip().splitlines()[0]}): pip install -e \".[trackers]\"") from None
+        raise
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, logger_version: str | None = None, **overrides: Any) -> L.Trainer:
     """The Trainer with the configured loggers; ``logger_version`` makes them write to a sub-dir of that name (one TensorBoard run)."""
     version = {} if logger_version is None else {"version": logger_version}
-    loggers = [build(node, f"logger.{name}", **version) for name, node in (cfg.get("logger") or {}).items()]
+    loggers = [build_logger(node, name, **version) for name, node in (cfg.get("logger") or {}).items()]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
     parallel.check_no_relaunch_in_sweep(trainer)
     return trainer
@@ -257,7 +273,10 @@ HPARAMS_METRICS = {"val/acc": "hparams/best_val_acc", "test/acc": "hparams/test_
 
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metrics: Metrics) -> None:
-    """TensorBoard's HPARAMS tab: the settings people compare, with the run's real metrics (the best epoch's val/acc)."""
+    """The settings people compare, with the run's real metrics (the best epoch's val/acc), to every logger:
+    TensorBoard's HPARAMS tab takes them together, under tags of their own (``HPARAMS_METRICS``); the others
+    (CSV, MLflow, W&B) get the settings as hyperparameters and the metrics as ``final/val/acc``,
+    ``final/test/acc``, ``final/test/loss``."""
     scheduler = cfg.get("scheduler")
     hparams = {
         "max_epochs": cfg.trainer.max_epochs,
@@ -266,18 +285,25 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, net: torch.nn.Module, metri
         "optimizer": str(cfg.optim._target_).rsplit(".", 1)[-1],
         "weight_decay": cfg.optim.get("weight_decay", 0.0),
         "scheduler": str(scheduler._target_).rsplit(".", 1)[-1] if scheduler else "none",
+        "model": cfg.model.get("name") or str(cfg.model._target_).rsplit(".", 1)[-1],
         "data": str(cfg.data._target_).rsplit(".", 1)[-1],
         "augment": cfg.data.get("augment", False),
         "trivial_augment": cfg.data.get("trivial_augment", False),
         "val_size": cfg.data.val_size,
         "params": sum(p.numel() for p in net.parameters()),
-        **{f"model/{k}": cfg.model[k] for k in ("patch_size", "emb_size", "depth", "num_heads", "seed_attention") if k in cfg.model},
+        **{f"model/{k}": cfg.model[k] for k in ("patch_size", "emb_size", "depth", "num_heads", "seed_attention", "pretrained") if cfg.model.get(k) is not None},
         "seed": cfg.get("seed"),
     }
-    final = {HPARAMS_METRICS[k]: v for k, v in metrics.items() if k in HPARAMS_METRICS and v is not None}
+    final = {k: v for k, v in metrics.items() if k in HPARAMS_METRICS and v is not None}
     for logger in trainer.loggers:
-        logger.log_hyperparams(hparams, metrics=final)
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            logger.log_hyperparams(hparams, metrics={HPARAMS_METRICS[k]: v for k, v in final.items()})
+        else:
+            logger.log_hyperparams(hparams)
+            logger.log_metrics({f"final/{k}": v for k, v in final.items()}, step=trainer.global_step)
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # else the next run in this process (a sweep's next job) would log into this one
 
 
 def test(cfg: DictConfig) -> Metrics:
@@ -294,7 +320,7 @@ def test_checkpoint(cfg: DictConfig, path: Path, logger_version: str | None = No
     config = checkpoint["hyper_parameters"]["config"]
     log.info("Testing %s", path)
     datamodule: ImageDataModule = build(cfg.data if cfg.get("data") else config["data"], "data")
-    net = build_net({**config["model"], "compile": False})
+    net = build_net({**config["model"], "compile": False}, pretrained=False)
     if datamodule.num_classes != net.n_classes:
         raise ConfigError(
             f"the checkpoint's model has {net.n_classes} classes but the data has {datamodule.num_classes}: "
