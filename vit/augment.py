@@ -1,5 +1,8 @@
 """Batched augmentations with per-image randomness, run on the device.
 
+The draws come from ``generator`` (the DataModule gives each training batch on each rank a stream of its
+own) or, without one, from torch's global RNG.
+
 torchvision's v2 transforms draw one set of random parameters per call, so on a batch tensor every
 image would get the same crop or rotation; these draw per image. Inputs are floats in [0, 1],
 shape (b, c, h, w).
@@ -18,27 +21,27 @@ OPS = ("identity", "brightness", "contrast", "saturation", "solarize", "posteriz
 MAX_ROTATE_DEG, MAX_SHEAR, MAX_TRANSLATE, MAX_FACTOR = 30.0, 0.3, 0.25, 0.9
 
 
-def random_crop_flip(x: Tensor, padding: int) -> Tensor:
+def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
     """Zero-pad, crop back to size at a random offset and flip half, each image drawn on its own."""
     b, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
     rows = dy + torch.arange(h, device=x.device)  # b h
     cols = dx + torch.arange(w, device=x.device)  # b w
-    flip = torch.rand(b, 1, device=x.device) < 0.5
+    flip = torch.rand(b, 1, device=x.device, generator=generator) < 0.5
     cols = torch.where(flip, cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def trivial_augment(x: Tensor) -> Tensor:
+def trivial_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Each image gets one op of ``OPS`` at a random strength (signed where that makes sense)."""
     b = x.shape[0]
-    op = torch.randint(0, len(OPS), (b,), device=x.device)
-    strength = torch.rand(b, device=x.device)
-    signed = strength * torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
+    op = torch.randint(0, len(OPS), (b,), device=x.device, generator=generator)
+    strength = torch.rand(b, device=x.device, generator=generator)
+    signed = strength * torch.where(torch.rand(b, device=x.device, generator=generator) < 0.5, -1.0, 1.0)
     is_op = {name: op == i for i, name in enumerate(OPS)}
     x = _geometric(x, is_op, signed)
     per_image = lambda t: t.view(b, 1, 1, 1)  # noqa: E731
