@@ -25,13 +25,14 @@ def history(run_dir: Path) -> list[dict]:
 
 def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupted(make_cfg, tmp_path):
     """SIGINT after batch 5 of epoch 1, resume from interrupted.ckpt: the same metrics, curve and weights as a run never stopped."""
-    full = make_cfg(RESUMABLE[len(TINY):], run="full")
+    overrides = [*RESUMABLE, "trainer.max_epochs=2"]
+    full = make_cfg(overrides[len(TINY):], run="full")
     uninterrupted = run.train(full)
     stopped = tmp_path / "stopped"
     steps_per_epoch = (512 - 64) // 32
     result = run_script(
         "train.py",
-        *RESUMABLE,
+        *overrides,
         "+callbacks.stop._target_=tests.faults.KillAtStep",
         f"+callbacks.stop.step={steps_per_epoch + 5}",
         "+callbacks.stop.sig=SIGINT",
@@ -40,7 +41,7 @@ def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupte
     )
     interrupted = stopped / "checkpoints" / callbacks.INTERRUPTED
     assert result.returncode != 0 and interrupted.exists(), result.stderr[-2000:]
-    resumed = make_cfg([*RESUMABLE[len(TINY):], f"ckpt_path={interrupted}"], run="resumed")
+    resumed = make_cfg([*overrides[len(TINY):], f"ckpt_path={interrupted}"], run="resumed")
     assert run.train(resumed) == uninterrupted
     assert history(Path(resumed.paths.output_dir)) == history(Path(full.paths.output_dir))  # train/acc of epoch 1 included
     weights = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for c in (full, resumed)]
