@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import CONF, TINY, run_script
-from vit import cli, parallel, run
+from vit import augment, cli, parallel, run
 from vit.data import EpochBatches, FakeDataModule
 from vit.errors import ConfigError
 
@@ -133,10 +133,14 @@ def test_augmentation_streams_depend_on_seed_rank_and_batch_only():
         images = torch.arange(2 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(2, 3, 32, 32)
         return dm.preprocess(images, augment=True, generator=dm.augment_generator(rank, epoch, batch, images.device))
 
-    first = augmented(1, 0, 2, 3)
-    assert torch.equal(first, augmented(1, 0, 2, 3))  # reproducible
+    def mixed(seed, rank, epoch, batch):
+        x, y = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+        return augment.mix(x, y, mixup_alpha=0.4, cutmix_alpha=1.0, generator=augment.batch_generator(seed, rank, epoch, batch, "cpu", "mix"))
+
+    first, first_mix = augmented(1, 0, 2, 3), mixed(1, 0, 2, 3)
+    assert torch.equal(first, augmented(1, 0, 2, 3)) and torch.equal(first_mix[0], mixed(1, 0, 2, 3)[0])  # reproducible
     for other in [(2, 0, 2, 3), (1, 1, 2, 3), (1, 0, 3, 3), (1, 0, 2, 4)]:
-        assert not torch.equal(first, augmented(*other))
+        assert not torch.equal(first, augmented(*other)) and not torch.equal(first_mix[0], mixed(*other)[0])
 
 
 def test_ddp_inside_a_sweep_stops_and_points_at_one_job_per_gpu(make_cfg):

@@ -22,7 +22,7 @@ from torch import Tensor
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vit.augment import random_crop_flip, trivial_augment
+from vit.augment import batch_generator, random_crop_flip, trivial_augment
 from vit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -265,13 +265,8 @@ class ImageDataModule(L.LightningDataModule):
         return to_model_input(images, self.mean, self.std, self.image_size, crop, augment and self.trivial_augment, generator)
 
     def augment_generator(self, rank: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:
-        """The random stream of one training batch on one rank: a function of (seed, rank, epoch, batch) alone.
-
-        Under DDP every rank draws its own crops and ops, and a run resumed anywhere, even in the middle of
-        an epoch, draws what the uninterrupted run drew, with no state to save.
-        """
-        key = hashlib.sha256(f"augment|{self.seed}|{rank}|{epoch}|{batch}".encode()).digest()
-        return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        """The crops' and ops' random stream of one training batch on one rank (``augment.batch_generator``)."""
+        return batch_generator(self.seed, rank, epoch, batch, device, purpose="augment")
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.augment import mix
+from vit.augment import batch_generator, mix
 from vit.errors import ConfigError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -87,7 +87,9 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
-            x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha)
+            seed = (self.hparams.get("config") or {}).get("seed") or 0
+            generator = batch_generator(seed, self.global_rank, self.current_epoch, batch_idx, "cpu", purpose="mix")
+            x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha, generator)
             logits = self.net(x)
             loss = weight * F.cross_entropy(logits, y_own, label_smoothing=self.label_smoothing) + (1 - weight) * F.cross_entropy(
                 logits, y_partner, label_smoothing=self.label_smoothing
