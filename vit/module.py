@@ -64,7 +64,9 @@ class ClassifierModule(L.LightningModule):
         # numbers of images (Lightning's sync_dist mean truncates the summed batch sizes to an integer).
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self.train_loss = MeanMetric()  # the epoch's mean, as a metric object so a mid-epoch checkpoint can carry it
+        # The epoch's mean as a metric object, so a mid-epoch checkpoint can carry it; no NaN check (a host sync
+        # every step on a GPU): StopOnNonFiniteLoss ends the run at the first non-finite loss.
+        self.train_loss = MeanMetric(nan_strategy="disable")
 
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
         """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""

@@ -315,6 +315,8 @@ def test_data(cfg: DictConfig, config: dict) -> ImageDataModule:
     changed = [f"data.{k}={options.get(k)}" for k in kept if options.get(k) != kept[k]]
     if changed:
         log.warning("Testing with the checkpoint's preprocessing (%s), not %s", ", ".join(f"{k}={v}" for k, v in kept.items()), ", ".join(changed))
+    # The size the model saw (its img_size where the training data needed no resizing), whatever this data stores.
+    kept["image_size"] = kept.get("image_size") or config["model"].get("img_size")
     return build({**options, **kept}, "data")
 
 
