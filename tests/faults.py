@@ -1,7 +1,8 @@
-"""Faults injected through config (``+callbacks.NAME._target_=tests.faults....``), for the reliability tests."""
+"""Faults and probes injected through config (``+callbacks.NAME._target_=tests.faults....``), for the reliability tests."""
 
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -28,3 +29,19 @@ class PoisonAtEpoch(L.Callback):
         if trainer.current_epoch == self.epoch:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("nan"))
+
+
+class SaveAugmentation(L.Callback):
+    """Augments one fixed batch as the first training batch is, and saves the result as ``augment_rank<rank>.pt``.
+
+    The same images on every rank: what differs is only the random draws, per rank.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0 and trainer.current_epoch == 0:
+            images = torch.arange(4 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(4, 3, 32, 32)
+            augmented, _ = trainer.datamodule.on_after_batch_transfer((images, torch.zeros(4, dtype=torch.long)), 0)
+            torch.save(augmented, self.out_dir / f"augment_rank{trainer.global_rank}.pt")

@@ -166,6 +166,8 @@ def test_killed_run_resumes_to_the_same_metrics(make_cfg, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((resumed / "metrics.json").read_text()) == uninterrupted
     assert result.stdout.strip().splitlines()[-2:] == [f"Test it again: python test.py ckpt={resumed}", f"Run dir: {resumed}"]
+    curve = lambda run_dir: json.loads((run_dir / "run.json").read_text())["history"]  # noqa: E731
+    assert curve(resumed) == curve(tmp_path / "full")  # every epoch once, the one of last.ckpt too (the sweep plot's points)
     assert list((killed / "checkpoints").glob("epoch*.ckpt")), "the killed run's best checkpoint is kept"
 
 
@@ -200,7 +202,7 @@ def test_ckpt_path_last_finds_the_newest_run_with_this_config(make_cfg):
 
 def test_resuming_another_model_is_an_error(make_cfg, capsys, trained_run):
     cfg = make_cfg([f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "model.depth=2"])
-    assert "holds another model (depth=1)" in one_line_error(run.train, cfg, capsys)
+    assert "was trained with model.depth=1" in one_line_error(run.train, cfg, capsys)
 
 
 def test_deterministic_runs_are_identical(make_cfg):

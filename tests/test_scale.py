@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import CONF, TINY, run_script
-from vit import cli, parallel, run
+from vit import augment, cli, parallel, run
 from vit.data import EpochBatches, FakeDataModule
 from vit.errors import ConfigError
 
@@ -87,8 +87,9 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_synced_results(tmp_path, mak
     # 129 val and test images in batches of 64: rank 0 gets 65 (2 batches), rank 1 64 (1 batch), and the synced
     # metrics must still be one process's; 127 training images: 63 each, one left out.
     run_dir = tmp_path / "ddp"
+    probe = ["data.augment=true", "+callbacks.probe._target_=tests.faults.SaveAugmentation", f"+callbacks.probe.out_dir={tmp_path}"]
     result = run_script(
-        "train.py", *TINY, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", "data.val_size=129", "data.test_size=129", f"hydra.run.dir={run_dir}"
+        "train.py", *TINY, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", "data.val_size=129", "data.test_size=129", *probe, f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -105,11 +106,41 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_synced_results(tmp_path, mak
     assert "Metrics written" in (run_dir / "train.log").read_text()
     assert "Metrics written" not in (run_dir / "train_ddp_process_1.log").read_text()  # rank 1 ran, and wrote nothing
     assert json.loads((run_dir / "run.json").read_text())["ckpt"].startswith(str(run_dir / "checkpoints"))
+    # Each rank its own augmentation stream: the same images come out of the two ranks augmented differently.
+    augmented = [torch.load(tmp_path / f"augment_rank{rank}.pt") for rank in range(2)]
+    assert augmented[0].shape == augmented[1].shape and not torch.equal(augmented[0], augmented[1])
 
     # The same checkpoint tested by one process: the same figures, so rank 0 reported all 129 images, not its 65.
     retested = run.test(make_cfg([f"ckpt={run_dir}"], name="test", run="retest"))
     assert retested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert retested["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+
+
+def test_test_py_under_ddp_writes_metrics_from_rank_0_only(tmp_path, trained_run):
+    run_dir = tmp_path / "test_ddp"
+    result = run_script("test.py", f"ckpt={trained_run}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr
+    assert "Metrics written" in (run_dir / "test.log").read_text()
+    rank_1_log = run_dir / "train_ddp_process_1.log"  # Lightning names every relaunched rank's Hydra job so
+    assert "Metrics written" not in rank_1_log.read_text()  # rank 1 tested its share and wrote nothing
+    assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] == json.loads((trained_run / "metrics.json").read_text())["test/acc"]
+
+
+def test_augmentation_streams_depend_on_seed_rank_and_batch_only():
+    def augmented(seed, rank, epoch, batch):
+        dm = FakeDataModule(train_size=8, test_size=4, val_size=0, augment=True, trivial_augment=True, seed=seed)
+        images = torch.arange(2 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(2, 3, 32, 32)
+        return dm.preprocess(images, training=True, generator=dm.augment_generator(rank, epoch, batch, images.device))
+
+    def mixed(seed, rank, epoch, batch):
+        x, y = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+        return augment.mix(x, y, mixup_alpha=0.4, cutmix_alpha=1.0, generator=augment.batch_generator(seed, rank, epoch, batch, "cpu", "mix"))
+
+    first, first_mix = augmented(1, 0, 2, 3), mixed(1, 0, 2, 3)
+    assert torch.equal(first, augmented(1, 0, 2, 3)) and torch.equal(first_mix[0], mixed(1, 0, 2, 3)[0])  # reproducible
+    for other in [(2, 0, 2, 3), (1, 1, 2, 3), (1, 0, 3, 3), (1, 0, 2, 4)]:
+        assert not torch.equal(first, augmented(*other)) and not torch.equal(first_mix[0], mixed(*other)[0])
 
 
 def test_ddp_inside_a_sweep_stops_and_points_at_one_job_per_gpu(make_cfg):

@@ -1,5 +1,8 @@
 """Batched augmentations with per-image randomness, run on the device.
 
+The draws come from ``generator`` (the DataModule gives each training batch on each rank a stream of its
+own) or, without one, from torch's global RNG.
+
 torchvision's v2 transforms draw one set of random parameters per call, so on a batch tensor every
 image would get the same crop or rotation; these draw per image. Inputs are floats in [0, 1],
 shape (b, c, h, w).
@@ -7,8 +10,10 @@ shape (b, c, h, w).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,27 +23,27 @@ OPS = ("identity", "brightness", "contrast", "saturation", "solarize", "posteriz
 MAX_ROTATE_DEG, MAX_SHEAR, MAX_TRANSLATE, MAX_FACTOR = 30.0, 0.3, 0.25, 0.9
 
 
-def random_crop_flip(x: Tensor, padding: int) -> Tensor:
+def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
     """Zero-pad, crop back to size at a random offset and flip half, each image drawn on its own."""
     b, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
     rows = dy + torch.arange(h, device=x.device)  # b h
     cols = dx + torch.arange(w, device=x.device)  # b w
-    flip = torch.rand(b, 1, device=x.device) < 0.5
+    flip = torch.rand(b, 1, device=x.device, generator=generator) < 0.5
     cols = torch.where(flip, cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def trivial_augment(x: Tensor) -> Tensor:
+def trivial_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Each image gets one op of ``OPS`` at a random strength (signed where that makes sense)."""
     b = x.shape[0]
-    op = torch.randint(0, len(OPS), (b,), device=x.device)
-    strength = torch.rand(b, device=x.device)
-    signed = strength * torch.where(torch.rand(b, device=x.device) < 0.5, -1.0, 1.0)
+    op = torch.randint(0, len(OPS), (b,), device=x.device, generator=generator)
+    strength = torch.rand(b, device=x.device, generator=generator)
+    signed = strength * torch.where(torch.rand(b, device=x.device, generator=generator) < 0.5, -1.0, 1.0)
     is_op = {name: op == i for i, name in enumerate(OPS)}
     x = _geometric(x, is_op, signed)
     per_image = lambda t: t.view(b, 1, 1, 1)  # noqa: E731
@@ -81,20 +86,32 @@ def _geometric(x: Tensor, is_op: dict[str, Tensor], signed: Tensor) -> Tensor:
     return torch.where(moved.view(b, 1, 1, 1), warped, x)
 
 
-def mix(x: Tensor, y: Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[Tensor, Tensor, Tensor, float]:
+def batch_generator(seed: int, rank: int, epoch: int, batch: int, device: torch.device | str, purpose: str) -> torch.Generator:
+    """The random stream of one training batch on one rank for one ``purpose``: a function of these alone.
+
+    Under DDP every rank draws its own crops, ops and mixing partners, and a run resumed anywhere, even in the
+    middle of an epoch, draws what the uninterrupted run drew, with no state to save.
+    """
+    key = hashlib.sha256(f"{purpose}|{seed}|{rank}|{epoch}|{batch}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def mix(x: Tensor, y: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, float]:
     """Mixup or CutMix (one of them per batch when both are on) with a shuffled copy of the batch.
 
+    Draws on the CPU from ``generator`` (default: torch's global CPU RNG).
     Returns (mixed images, labels, partner labels, weight of the own labels).
     """
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
+    g = generator if generator is not None else torch.default_generator
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand((), generator=g).item() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(x.shape[0], device=x.device)
+    lam = float(np.random.default_rng(int(torch.randint(2**62, (), generator=g))).beta(alpha, alpha))  # torch's Beta takes no generator
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
     if not use_cutmix:
         return lam * x + (1 - lam) * x[perm], y, y[perm], lam
     h, w = x.shape[-2:]
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-    cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+    cy, cx = int(torch.randint(0, h, (), generator=g)), int(torch.randint(0, w, (), generator=g))
     top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     x = x.clone()

@@ -29,7 +29,23 @@ class RunCheckpoint(ModelCheckpoint):
       writes to another dir, so the final test uses the true best epoch, whichever run wrote it.
     - Files outside this run's own dir (an earlier run's best) are never deleted.
     - Ctrl-C saves ``interrupted.ckpt`` (mid-epoch) before the run exits.
+    - ``last.ckpt`` is written at the end of every training epoch, after ``RunStats`` has recorded it (Lightning
+      writes it at validation end when validating every n-th epoch, and skips it when the top-k did not change).
     """
+
+    def _should_save_on_train_epoch_end(self, trainer: L.Trainer) -> bool:
+        if self._save_on_train_epoch_end is not None:
+            return self._save_on_train_epoch_end
+        return getattr(trainer, "_val_check_time_interval", None) is None and trainer.val_check_interval == 1.0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._should_skip_saving_checkpoint(trainer) or not self._should_save_on_train_epoch_end(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        validated = self.monitor is None or (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
+        if validated and self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_model_score = state_dict["best_model_score"]
@@ -104,9 +120,14 @@ class RngState(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the CUDA states of the GPUs visible now (a run saved on more GPUs resumes on fewer)."""
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+            states, visible = state_dict["cuda"], torch.cuda.device_count()
+            for device, state in enumerate(states[:visible]):
+                torch.cuda.set_rng_state(state, device)
+            if len(states) > visible:
+                log.warning("The checkpoint has the CUDA RNG states of %d GPUs, %d are visible: restored the first %d", len(states), visible, visible)
 
 
 class RunStats(Callback):
@@ -117,6 +138,7 @@ class RunStats(Callback):
         self.images = 0
         self.history: list[dict[str, float]] = []
         self._batch_start = 0.0
+        self._val: dict[str, float] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
@@ -125,9 +147,15 @@ class RunStats(Callback):
         self.train_time_s += time.perf_counter() - self._batch_start
         self.images += len(batch[1]) * trainer.world_size  # DDP: every rank trains on a batch this size
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss", "val/acc")}
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss_epoch", "train/acc", "val/loss", "val/acc")}
-        self.history.append({"epoch": trainer.current_epoch, **metrics})
+        # The val metrics of this epoch's validation only: callback_metrics keeps the last ones on epochs without one.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss_epoch", "train/acc")}
+        self.history.append({"epoch": trainer.current_epoch, **metrics, **self._val})
+        self._val = {}
 
     @property
     def images_per_s(self) -> float | None:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.error import URLError
 
 import lightning as L
@@ -23,7 +23,7 @@ from torch import Tensor
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vit.augment import random_crop_flip, trivial_augment
+from vit.augment import batch_generator, random_crop_flip, trivial_augment
 from vit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,14 @@ class EpochBatches:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.num_replicas, self.rank, self.even_shares = num_replicas, rank, even_shares
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """The next pass over ``epoch`` leaves out its first ``batches`` batches (trained before an interruption)."""
+        self.epoch, self._resume = epoch, (epoch, batches)
 
     def _share(self, order: Tensor) -> Tensor:
         if self.even_shares:
@@ -75,7 +80,33 @@ class EpochBatches:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.n)
-        yield from self._share(order).split(self.batch_size)
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == self.epoch:
+                skip = self._resume[1]
+            self._resume = None
+        yield from self._share(order).split(self.batch_size)[skip:]
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader, resumable in the middle of an epoch.
+
+    Lightning stores ``state_dict()`` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``)
+    and hands it back on resume: the epoch and how many of its batches were trained (``batches_done``, the
+    fit loop's count), so the resumed epoch goes on where it stopped instead of starting its order again.
+    """
+
+    def __init__(self, data: Dataset, sampler: EpochBatches, batches_done: Callable[[], int], **kwargs):
+        # Its own generator for the per-iterator base seed, which DataLoader otherwise draws from torch's global RNG:
+        # a run resumed mid-epoch starts an iterator the uninterrupted run did not, and its dropout would shift.
+        super().__init__(data, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(sampler.seed), **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume_at(state_dict["epoch"], state_dict["batches"])
 
 
 def to_model_input(
@@ -85,17 +116,18 @@ def to_model_input(
     image_size: int | None = None,
     crop_padding: int | None = None,
     trivial: bool = False,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """uint8 (b, c, h, w) -> float (b, c, s, s): scaled to [0, 1], resized to ``image_size``,
     augmented (random crop + flip when ``crop_padding`` is given, then TrivialAugment when
-    ``trivial``), normalised. Training, testing and predict share it."""
+    ``trivial``; drawn from ``generator``), normalised. Training, testing and predict share it."""
     x = images.float().div_(255)
     if image_size is not None and x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     if crop_padding is not None:
-        x = random_crop_flip(x, crop_padding)
+        x = random_crop_flip(x, crop_padding, generator)
     if trivial:
-        x = trivial_augment(x)
+        x = trivial_augment(x, generator)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
@@ -216,7 +248,13 @@ class ImageDataModule(L.LightningDataModule):
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         # Training: equal shares, so the ranks step together; evaluation: every image exactly once.
         sampler = EpochBatches(len(data), batch_size, shuffle, self.seed, num_replicas=replicas, rank=rank, even_shares=shuffle)
+        if shuffle and self.trainer is not None:
+            return TrainLoader(data, sampler, batches_done=lambda: self._train_progress().processed, pin_memory=pin)
         return DataLoader(data, sampler=sampler, batch_size=None, pin_memory=pin)
+
+    def _train_progress(self):
+        """This epoch's training batch counts (ready, processed, ...), as Lightning keeps and restores them."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
@@ -227,19 +265,30 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
-    def preprocess(self, images: Tensor, training: bool = False) -> Tensor:
+    def preprocess(self, images: Tensor, training: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input; ``training`` applies the
-        augmentations switched on, each on its own (``augment``: crop + flip, ``trivial_augment``: TrivialAugment)."""
+        augmentations switched on, each on its own (``augment``: crop + flip, ``trivial_augment``: TrivialAugment),
+        drawing from ``generator`` (the global stream when None)."""
         if self.mean.device != images.device:  # moved once, not copied every batch
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         crop_padding = self.crop_padding if training and self.augment else None
-        return to_model_input(images, self.mean, self.std, self.image_size, crop_padding, training and self.trivial_augment)
+        return to_model_input(images, self.mean, self.std, self.image_size, crop_padding, training and self.trivial_augment, generator)
+
+    def augment_generator(self, rank: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:
+        """The crops' and ops' random stream of one training batch on one rank (``augment.batch_generator``)."""
+        return batch_generator(self.seed, rank, epoch, batch, device, purpose="augment")
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        training = self.trainer is not None and self.trainer.training
-        x = self.preprocess(images, training=training)
-        side = self.train_side(self.trainer.current_epoch) if training else None
+        if self.trainer is None or not self.trainer.training:
+            return self.preprocess(images), labels
+        trainer = self.trainer
+        generator = None
+        if self.augment or self.trivial_augment:
+            # Lightning counts this epoch's batches before this one in `ready` (it counts this one after the transfer).
+            generator = self.augment_generator(trainer.global_rank, trainer.current_epoch, self._train_progress().ready, images.device)
+        x = self.preprocess(images, training=True, generator=generator)
+        side = self.train_side(trainer.current_epoch)
         if side is not None and x.shape[-1] != side:
             # resizing is linear and keeps constants, so it commutes with the normalisation
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -248,6 +297,21 @@ class ImageDataModule(L.LightningDataModule):
     def train_side(self, epoch: int) -> int | None:
         """The side of training images in ``epoch`` (0-based) under ``train_sizes``; None: the stored or ``image_size``."""
         return self.train_sizes[min(epoch, len(self.train_sizes) - 1)] if self.train_sizes else None
+
+    def use_classes(self, classes: Sequence[str]) -> None:
+        """Relabels the test split to ``classes``' order (a checkpoint's); other class names are an error."""
+        classes = list(classes)
+        if list(self.classes) == classes:
+            return
+        if sorted(self.classes) != sorted(classes):
+            raise ConfigError(
+                f"the checkpoint was trained on the classes {classes} but the data has {list(self.classes)}: "
+                "test it on data with the same class names (leave out data=... to use its own)"
+            )
+        if self.test_set is not None:
+            position = torch.tensor([classes.index(name) for name in self.classes], device=self.test_set.labels.device)
+            self.test_set.labels = position[self.test_set.labels]
+        self.classes = tuple(classes)
 
     def image_shape(self) -> tuple[int, int, int]:
         """(c, h, w) of the model's input."""

@@ -11,11 +11,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.augment import mix
+from vit.augment import batch_generator, mix
 from vit.errors import ConfigError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+TRAIN_METRICS = ("train_acc", "train_loss")
 
 
 class ClassifierModule(L.LightningModule):
@@ -68,6 +69,9 @@ class ClassifierModule(L.LightningModule):
         # numbers of images (Lightning's sync_dist mean truncates the summed batch sizes to an integer).
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # The epoch's mean as a metric object, so a mid-epoch checkpoint can carry it; no NaN check (a host sync
+        # every step on a GPU): StopOnNonFiniteLoss ends the run at the first non-finite loss.
+        self.train_loss = MeanMetric(nan_strategy="disable")
 
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
         """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""
@@ -93,7 +97,9 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         target = y
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
-            x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha)
+            seed = (self.hparams.get("config") or {}).get("seed") or 0
+            generator = batch_generator(seed, self.global_rank, self.current_epoch, batch_idx, "cpu", purpose="mix")
+            x, y_own, y_partner, weight = mix(x, y, self.mixup_alpha, self.cutmix_alpha, generator)
             logits = self.net(x)
             loss = weight * F.cross_entropy(logits, y_own, label_smoothing=self.label_smoothing) + (1 - weight) * F.cross_entropy(
                 logits, y_partner, label_smoothing=self.label_smoothing
@@ -104,9 +110,28 @@ class ClassifierModule(L.LightningModule):
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         preds = logits.argmax(dim=1)
         self.train_acc.update(preds, target)  # update, not forward: no per-batch accuracy nobody logs
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.train_loss.update(loss.detach(), weight=len(y))
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """In the middle of an epoch (Ctrl-C), the epoch's training metrics so far, so the resumed epoch reports all of it.
+
+        One process's only: under DDP a mid-epoch resume's train metrics for that epoch cover the batches after it.
+        """
+        trainer = self._trainer
+        epochs = trainer.fit_loop.epoch_progress.total if trainer is not None else None
+        if epochs is not None and trainer.world_size == 1 and epochs.processed < epochs.started:
+            checkpoint["train_metrics"] = {name: dict(getattr(self, name).metric_state) for name in TRAIN_METRICS}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, states in checkpoint.get("train_metrics", {}).items():
+            metric = getattr(self, name)
+            for key, value in states.items():
+                setattr(metric, key, value.to(metric.device))
+            metric._update_count = max(metric._update_count, 1)  # what update() would have counted
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, y = self._step(batch)

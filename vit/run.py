@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vit import checkpoints, parallel, report, signatures
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 Metrics = dict[str, Any]
 SAVED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed")
+# The trainer settings that change what is trained, stored with the run config so a resume can compare them.
+TRAINED_TRAINER_KEYS = ("max_epochs", "accumulate_grad_batches", "gradient_clip_val", "limit_train_batches")
+# Keys of the stored config that say where data is read from or how it is handled, not what is trained.
+FREE_ON_RESUME = ("model.compile", "data.data_dir", "data.root", "data.eval_batch_size", "data.device_resident")
 
 
 def build(node: Any, key: str, **kwargs: Any) -> Any:
@@ -118,10 +123,14 @@ def build_logger(node: Any, name: str, **kwargs: Any) -> Any:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger_version: str | None = None, **overrides: Any) -> L.Trainer:
-    """The Trainer with the configured loggers; ``logger_version`` makes them write to a sub-dir of that name (one TensorBoard run)."""
+    """The configured Trainer, writing its checkpoints atomically (``checkpoints.AtomicCheckpointIO``);
+    ``logger_version`` makes the loggers write to a sub-dir of that name (one TensorBoard run)."""
     version = {} if logger_version is None else {"version": logger_version}
     loggers = [build_logger(node, name, **version) for name, node in (cfg.get("logger") or {}).items()]
-    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer), **overrides)
+    trainer = build(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer),
+        plugins=[checkpoints.AtomicCheckpointIO()], **overrides,
+    )
     parallel.check_no_relaunch_in_sweep(trainer)
     return trainer
 
@@ -140,22 +149,48 @@ def test_metrics(results: list[dict[str, float]]) -> Metrics:
     return {"test/acc": float(results[0]["test/acc"]), "test/loss": float(results[0]["test/loss"])}
 
 
-def resume_from(cfg: DictConfig, model_config: dict) -> str | None:
-    """The checkpoint to resume from, checked: readable, and of the same model as this run."""
+def resume_from(cfg: DictConfig, saved: dict) -> str | None:
+    """The checkpoint to resume from (a run dir: where it stopped), checked: readable, and trained as this run would be.
+
+    ``saved`` is this run's stored config. Any setting that changes what is trained and differs from the
+    checkpoint's is refused, since it would be half-applied (the restored optimizer keeps its learning rate, a
+    schedule its length) while the run records the new value. More ``trainer.max_epochs`` is fine without a schedule.
+    """
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         return None
-    path = find_last_checkpoint(cfg) if ckpt_path == "last" else checkpoints.resolve(ckpt_path)
-    trained = {k: v for k, v in checkpoints.load(path)["hyper_parameters"]["config"]["model"].items() if k != "compile"}
-    model_config = {k: v for k, v in model_config.items() if k != "compile"}
-    if trained != model_config:
-        differ = sorted(k for k in set(trained) | set(model_config) if trained.get(k) != model_config.get(k))
+    path = find_last_checkpoint(cfg) if ckpt_path == "last" else checkpoints.resume_point(ckpt_path)
+    differ = settings_that_differ(checkpoints.load(path)["hyper_parameters"]["config"], saved)
+    if differ:
         raise ConfigError(
-            f"ckpt_path={path} holds another model ({', '.join(f'{k}={trained.get(k)}' for k in differ)}): "
-            "resume with the model.* settings it was trained with"
+            f"ckpt_path={path} was trained with {', '.join(differ)}: resume with the settings it was trained with "
+            "(only trainer.max_epochs may grow, and only with scheduler=none), or start a new run"
         )
     log.info("Resuming from %s", path)
     return str(path)
+
+
+def settings_that_differ(trained: dict, now: dict) -> list[str]:
+    """``key=the checkpoint's value`` for each setting of ``now`` that changes what is trained and differs."""
+
+    def flat(config: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(config, dict):
+            return {prefix: config}
+        return {k: v for name, value in config.items() for k, v in flat(value, f"{prefix}.{name}").items()}
+
+    free = set(FREE_ON_RESUME)
+    if trained.get("scheduler") is None and now.get("scheduler") is None:
+        free.add("trainer.max_epochs")
+    differ = []
+    for section in (*SAVED_KEYS, "classes", "trainer"):
+        if section not in trained:  # a checkpoint from before this section was stored
+            continue
+        old, new = trained[section], now.get(section)
+        before, after = (flat(old, section), flat(new, section)) if isinstance(old, dict) and isinstance(new, dict) else ({section: old}, {section: new})
+        for key in sorted(set(before) | set(after)):
+            if key not in free and before.get(key) != after.get(key):
+                differ.append(f"{key}={before.get(key, '<unset>')}")
+    return differ
 
 
 def find_last_checkpoint(cfg: DictConfig) -> Path:
@@ -192,6 +227,7 @@ def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, Cl
     saved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAVED_KEYS if k in cfg}
     saved["model"]["n_classes"] = datamodule.num_classes
     saved["classes"] = list(datamodule.classes)
+    saved["trainer"] = {k: cfg.trainer.get(k) for k in TRAINED_TRAINER_KEYS}
     make_module = build(cfg.module, "module") if cfg.get("module") else ClassifierModule
     module = make_module(
         net=net,
@@ -230,7 +266,7 @@ def train(cfg: DictConfig) -> Metrics:
             trainer.world_size, datamodule.batch_size * trainer.world_size * accumulate, datamodule.batch_size, trainer.world_size, accumulate,
         )
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, saved["model"]), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, saved), weights_only=True)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else None
     best_score = checkpoint.best_model_score if best_path else None
@@ -311,15 +347,34 @@ def test(cfg: DictConfig) -> Metrics:
     if cfg.get("ckpt") and report.is_sweep_dir(cfg.ckpt):
         return test_sweep(cfg, Path(cfg.ckpt))
     metrics = test_checkpoint(cfg, checkpoints.resolve(cfg.get("ckpt")))
-    report_metrics(metrics, cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:  # under DDP every rank has the same (synced) metrics; one writes them
+        report_metrics(metrics, cfg.paths.output_dir)
     return metrics
+
+
+# What the model was trained to see: kept from the checkpoint when testing on other data.
+PREPROCESSING = ("mean", "std", "image_size")
+
+
+def test_data(cfg: DictConfig, config: dict) -> ImageDataModule:
+    """The checkpoint's own data, or ``data=...`` with the checkpoint's preprocessing and its classes' order."""
+    if not cfg.get("data"):
+        return build(config["data"], "data")
+    options = OmegaConf.to_container(cfg.data, resolve=True)
+    kept = {k: config["data"][k] for k in PREPROCESSING if k in config["data"]}
+    changed = [f"data.{k}={options.get(k)}" for k in kept if options.get(k) != kept[k]]
+    if changed:
+        log.warning("Testing with the checkpoint's preprocessing (%s), not %s", ", ".join(f"{k}={v}" for k, v in kept.items()), ", ".join(changed))
+    # The size the model saw (its img_size where the training data needed no resizing), whatever this data stores.
+    kept["image_size"] = kept.get("image_size") or config["model"].get("img_size")
+    return build({**options, **kept}, "data")
 
 
 def test_checkpoint(cfg: DictConfig, path: Path, logger_version: str | None = None) -> Metrics:
     checkpoint = checkpoints.load(path)
     config = checkpoint["hyper_parameters"]["config"]
     log.info("Testing %s", path)
-    datamodule: ImageDataModule = build(cfg.data if cfg.get("data") else config["data"], "data")
+    datamodule = test_data(cfg, config)
     net = build_net({**config["model"], "compile": False}, pretrained=False)
     if datamodule.num_classes != net.n_classes:
         raise ConfigError(
@@ -333,6 +388,8 @@ def test_checkpoint(cfg: DictConfig, path: Path, logger_version: str | None = No
     except RuntimeError as e:
         raise ConfigError(f"{path} does not match its own model config: {str(e).splitlines()[0]}") from None
     datamodule.setup("test")
+    if "classes" in config:
+        datamodule.use_classes(config["classes"])
     check_input_shape(datamodule, net)
     callbacks = build_callbacks(cfg)
     trainer = build_trainer(cfg, callbacks=callbacks, logger_version=logger_version)
