@@ -21,7 +21,10 @@ from vit.errors import ConfigError
             ["experiment=sed"],
             f"experiment=sed is not an option: use one of {', '.join(sorted(p.stem for p in (CONF / 'experiment').glob('*.yaml')))} (did you mean seed?)",
         ),
-        (["-m", "data=fake,fakes"], "data=fakes is not an option: use one of cifar10, fake, folder"),
+        (
+            ["-m", "data=fake,fakes"],
+            f"data=fakes is not an option: use one of {', '.join(sorted(p.stem for p in (CONF / 'data').glob('*.yaml')))}",
+        ),
         (["data=fake", "data.num_clases=3"], "did you mean data.num_classes?"),
         (["scheduler.warmup_fraction=0.1"], "scheduler is null here; choose it first (scheduler=<one of cosine, none>)"),
     ],

@@ -88,8 +88,8 @@ def test_augmentation_only_in_training():
 def test_trivial_augment_works_without_crop_and_flip(monkeypatch):
     """data.trivial_augment=true alone applies TrivialAugment (and no crop + flip); data.augment=true alone only crop + flip."""
     applied = []
-    monkeypatch.setattr("vit.data.trivial_augment", lambda x: applied.append("trivial") or x)
-    monkeypatch.setattr("vit.data.random_crop_flip", lambda x, padding: applied.append("crop_flip") or x)
+    monkeypatch.setattr("vit.data.trivial_augment", lambda x, generator=None: applied.append("trivial") or x)
+    monkeypatch.setattr("vit.data.random_crop_flip", lambda x, padding, generator=None: applied.append("crop_flip") or x)
     images = fake().test_set.images[:8]
     for kwargs, expected in [
         (dict(trivial_augment=True), ["trivial"]),

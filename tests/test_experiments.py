@@ -36,6 +36,10 @@ def test_presets_say_what_the_issue_asks(make_cfg):
     assert strong.model.emb_size == 64 and strong.model.depth == 12 and strong.trainer.max_epochs == 20
     assert strong.data.augment and strong.data.trivial_augment and strong.module.label_smoothing > 0
     assert strong.optim._target_ == "torch.optim.AdamW" and strong.scheduler._target_ == "vit.schedulers.warmup_cosine"
+    fast = make_cfg(["experiment=fast"], tiny=False)  # the speed run: the manual's ViT family, ending at the full image size
+    assert fast.model._target_ == "vit.model.ViT" and fast.model.patch_size == 4 and fast.data.val_size == 0
+    assert fast.data.train_sizes[-1] == fast.model.img_size and len(fast.data.train_sizes) == fast.trainer.max_epochs
+    assert fast.model.dynamic_img_size and all(side % fast.model.patch_size == 0 for side in fast.data.train_sizes)
     best = make_cfg(["experiment=cifar_best"], tiny=False)
     params = sum(p.numel() for p in ViT(**{k: v for k, v in best.model.items() if k not in ("_target_", "compile")} | {"n_classes": 10}).parameters())
     assert 4_000_000 <= params <= 10_000_000 and best.model.patch_size == 4
@@ -102,7 +106,7 @@ def test_mixed_batches_score_train_acc_against_the_dominant_label(monkeypatch, o
     partner = (y + 1) % 4
     x = torch.zeros(8, 3, 8, 8)
     x[:, 0, 0, 0] = partner.float()
-    monkeypatch.setattr("vit.module.mix", lambda x, y, mixup_alpha, cutmix_alpha: (x, y, partner, own_weight))
+    monkeypatch.setattr("vit.module.mix", lambda x, y, mixup_alpha, cutmix_alpha, generator=None: (x, y, partner, own_weight))
     model = ClassifierModule(PredictsFromPixel(), mixup_alpha=0.2, cutmix_alpha=1.0)
     model.training_step((x, y), 0)
     assert float(model.train_acc.compute()) == accuracy
