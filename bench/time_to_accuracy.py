@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from throughput import device_name, now  # the sibling script: same clock and device name
+from vit.cli import quiet_known_noise
 from vit.model import ViT
 from vit.run import test_checkpoint
 
@@ -231,6 +232,7 @@ def main() -> None:
     if args.data == "folder" and not (args.root / "train").is_dir():
         parser.error(f"--root {args.root} has no train/ folder: give the ImageFolder copy of CIFAR-10, or --data fake")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_known_noise()  # as train.py does
     print(f"device: {device_name(args.device)}; target {100 * args.target:.2f}% test accuracy; data {args.data}; torch {torch.__version__}", flush=True)
     warm_cache(args)
     manual = None if args.skip_manual else manual_projection(args)
