@@ -216,6 +216,11 @@ def find_last_checkpoint(cfg: DictConfig) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+def module_factory(module_cfg: Any) -> Any:
+    """The ``module`` group as a partial taking the net (``ClassifierModule`` itself when a config has none)."""
+    return build(module_cfg, "module") if module_cfg else ClassifierModule
+
+
 def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, ClassifierModule]:
     """The DataModule (set up for fitting), the net and the LightningModule, as a training run builds them.
 
@@ -228,8 +233,7 @@ def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, Cl
     saved["model"]["n_classes"] = datamodule.num_classes
     saved["classes"] = list(datamodule.classes)
     saved["trainer"] = {k: cfg.trainer.get(k) for k in TRAINED_TRAINER_KEYS}
-    make_module = build(cfg.module, "module") if cfg.get("module") else ClassifierModule
-    module = make_module(
+    module = module_factory(cfg.get("module"))(
         net=net,
         optimizer=build(cfg.optim, "optim"),
         scheduler=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
@@ -381,8 +385,8 @@ def test_checkpoint(cfg: DictConfig, path: Path, logger_version: str | None = No
             f"the checkpoint's model has {net.n_classes} classes but the data has {datamodule.num_classes}: "
             "test it on the data it was trained on (leave out data=...)"
         )
-    # evaluated as in training: with test-time flip averaging when the run used it
-    module = ClassifierModule(net, config=config, tta_flip=bool((config.get("module") or {}).get("tta_flip", False)))
+    # the run's own module options (e.g. module.tta_flip), so it is evaluated as in training
+    module = module_factory(config.get("module"))(net=net, config=config)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:
