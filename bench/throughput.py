@@ -7,8 +7,8 @@ the other and from the same seed:
 
 - bare step: the same net and Adam on one pre-made batch already on the device, no Lightning and no
   DataLoader; the ceiling for ``ours`` at the same batch size;
-- reference: the manual's loop as printed (torchvision data set with its PIL transform,
-  ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``, Adam 1e-3, ``CrossEntropyLoss``,
+- reference: the manual's code as printed, ``vit.manual`` (its classes, torchvision data set with its PIL
+  transform, ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``, Adam 1e-3, ``CrossEntropyLoss``,
   ``running_loss += loss.item()``; fp16 autocast and a GradScaler on CUDA);
 - ours: the DataModule, net, LightningModule and Trainer built from the project's Hydra config the
   way ``python train.py`` builds them (TensorBoard logger, progress bar and the default callbacks
@@ -16,9 +16,8 @@ the other and from the same seed:
 - ours with ``model.compile=true`` (``torch.compile``), at the manual's batch and at a larger one;
 - ours at best settings: a larger batch.
 
-The reference's net computes what the manual prints: its attention formula (``seed_attention=True``)
-by einsum and softmax (``fused=False``, the plain path). Ours and the bare step use the config's
-attention: correct, through ``F.scaled_dot_product_attention`` (the fused kernels).
+The reference's net is the manual's own classes: its attention formula by einsum and softmax. Ours and
+the bare step use the config's attention: correct, through ``F.scaled_dot_product_attention`` (the fused kernels).
 
 Only steady-state steps are timed: the clock is read at the start of step ``warmup`` and of step
 ``warmup + steps``, so start-up, worker spawn, allocator growth and compilation are left out (the
@@ -41,14 +40,10 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import transforms
 
-from vit.model import ViT
+from vit import manual
 from vit.run import build, build_callbacks, build_for_fit, build_net, build_trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -199,42 +194,23 @@ def run_bare(args: argparse.Namespace, batch: int) -> Row:
 
 
 def run_reference(args: argparse.Namespace, batch: int) -> Row:
-    """The course manual's training loop as printed, on the same images (or torchvision's FakeData)."""
+    """The course manual's training loop as printed (``vit.manual``), on the same images (or torchvision's FakeData)."""
     device = args.device
-    cuda = device.type == "cuda"
     L.seed_everything(args.seed, verbose=False)
-    transform = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     n_batches = args.warmup + timed_steps(args, batch) + 1
-    if args.data == "folder":
-        dataset = torchvision.datasets.ImageFolder(str(args.root / "train"), transform=transform)
-    else:
-        dataset = torchvision.datasets.FakeData(size=n_batches * batch, image_size=(3, 32, 32), num_classes=10, transform=transform)
-    trainloader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=2)
-    # fused=False: attention by einsum and softmax, the computation the manual prints
-    model = ViT(in_channels=3, patch_size=4, emb_size=64, img_size=32, depth=12, n_classes=10, seed_attention=True, fused=False).to(device)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    model.train()
+    train_set, test_set = manual.datasets(args.root if args.data == "folder" else None, fake_sizes=(n_batches * batch, batch))
+    recipe = manual.Recipe.set_up(train_set, test_set, device, batch_size=batch)
     reset_peak_memory(device)
-    running_loss = 0.0
+    clock: dict[int, float] = {}
     begin = now(device)
-    start = end = None
-    for i, (images, labels) in enumerate(trainloader):
-        if i == args.warmup:
-            start = now(device)
-        if i == args.warmup + timed_steps(args, batch):
-            end = now(device)
-            break
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-            outputs = model(images)
-            loss = criterion(outputs, labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        running_loss += loss.item()
+
+    def before_step(i: int) -> bool:
+        if i in (args.warmup, args.warmup + timed_steps(args, batch)):
+            clock[i] = now(device)
+        return i < args.warmup + timed_steps(args, batch)
+
+    recipe.train_epoch(before_step)
+    start, end = clock.get(args.warmup), clock.get(args.warmup + timed_steps(args, batch))
     rate = batch * steps_per_s(start, end, timed_steps(args, batch), "reference")
     return Row("reference (manual's loop)", batch, rate, start - begin, peak_memory(device))
 

@@ -10,9 +10,9 @@ manual's. Both sides run in this one invocation, one after the other, on the sam
   the project's uint8 cache happens once per machine and is done before the clock starts (the
   cache is warm); the epoch checkpoints are tested after the race, outside the clock, to draw the
   curve, each point placed at the time its checkpoint was written.
-- manual: the loop as printed (torchvision ImageFolder with its PIL transform, DataLoader(batch_size=32,
-  shuffle=True, num_workers=2), its model with its attention formula computed by einsum, Adam 1e-3,
-  fp16 autocast + GradScaler on CUDA), 20 epochs, then its test code. A full run takes over an hour on
+- manual: the manual's code as printed, ``vit.manual`` (its own ViT classes, torchvision ImageFolder with its
+  PIL transform, DataLoader(batch_size=32, shuffle=True, num_workers=2), Adam 1e-3, fp16 autocast +
+  GradScaler on CUDA), 20 epochs, then its test code. A full run takes over an hour on
   a CPU, so its time is projected: the set-up and the test pass are timed whole, the training epoch
   from a timed slice of ``--manual-steps`` steps (after ``--manual-warmup``), times 1,563 steps per
   epoch, times the 20 epochs at which the manual printed 67.09%. Both sides test in the precision
@@ -40,19 +40,15 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 from hydra import compose, initialize_config_dir
-from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import transforms
 
 from throughput import device_name, now  # the sibling script: same clock and device name
+from vit import manual
 from vit.cli import quiet_known_noise
-from vit.model import ViT
 from vit.run import test_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-MANUAL_EPOCHS, MANUAL_BATCH, MANUAL_PRINTED = 20, 32, 0.6709
+MANUAL_PRINTED = 0.6709
 # The manual's recipe run to the end once on this project's CPU, on the JPEG copy of CIFAR-10
 # (python train.py experiment=seed data=folder data.root=../shared/data/cifar10-jpeg): drawn for reference.
 MANUAL_ON_JPEG = 0.6489
@@ -60,56 +56,36 @@ ACCURACY_LINE = re.compile(r"Accuracy on test set: ([\d.]+)%")
 
 
 def manual_projection(args: argparse.Namespace) -> dict[str, float]:
-    """The manual's recipe: set-up and test timed whole, one training epoch from a timed slice of steps."""
-    device, cuda = args.device, args.device.type == "cuda"
+    """The manual's recipe (``vit.manual``): set-up and test timed whole, one training epoch from a timed slice of steps."""
+    device = args.device
     start = now(device)
     torch.manual_seed(args.seed)
-    transform = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    if args.data == "folder":
-        train_set = torchvision.datasets.ImageFolder(str(args.root / "train"), transform=transform)
-        test_set = torchvision.datasets.ImageFolder(str(args.root / "test"), transform=transform)
-    else:
-        train_set = torchvision.datasets.FakeData(50_000, (3, 32, 32), 10, transform=transform, random_offset=0)
-        test_set = torchvision.datasets.FakeData(500, (3, 32, 32), 10, transform=transform, random_offset=10**6)
-    train_loader = DataLoader(train_set, batch_size=MANUAL_BATCH, shuffle=True, num_workers=2)
-    test_loader = DataLoader(test_set, batch_size=MANUAL_BATCH, shuffle=False, num_workers=2)
-    model = ViT(in_channels=3, patch_size=4, emb_size=64, img_size=32, depth=12, n_classes=10, seed_attention=True, fused=False).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    recipe = manual.Recipe.set_up(*manual.datasets(args.root if args.data == "folder" else None, fake_sizes=(50_000, 500)), device)
     setup_s = now(device) - start
-    model.train()
-    running_loss = 0.0
-    slice_start = None
-    for i, (images, labels) in enumerate(train_loader):
-        if i == args.manual_warmup:
-            slice_start = now(device)
-        if i == args.manual_warmup + args.manual_steps:
-            break
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-            loss = criterion(model(images), labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        running_loss += loss.item()
-    step_s = (now(device) - slice_start) / args.manual_steps
+    clock: dict[int, float] = {}
+    last = args.manual_warmup + args.manual_steps
+
+    def before_step(i: int) -> bool:
+        if i in (args.manual_warmup, last):
+            clock[i] = now(device)
+        return i < last
+
+    recipe.train_epoch(before_step)
+    if last not in clock:
+        sys.exit(f"the manual's epoch has fewer than {last} steps: lower --manual-warmup/--manual-steps")
+    step_s = (clock[last] - clock[args.manual_warmup]) / args.manual_steps
     test_start = now(device)
-    model.eval()
-    with torch.no_grad():
-        for images, labels in test_loader:
-            model(images.to(device)).argmax(1)
+    recipe.test()
     test_s = now(device) - test_start
-    epoch_s = step_s * len(train_loader)
-    total = setup_s + MANUAL_EPOCHS * epoch_s + test_s
+    epoch_s = step_s * len(recipe.train_loader)
+    total = setup_s + manual.NUM_EPOCHS * epoch_s + test_s
     print(
-        f"  manual: set-up {setup_s:.1f} s, {args.manual_steps} timed steps at {MANUAL_BATCH / step_s:.0f} images/s "
-        f"-> {epoch_s:.0f} s per epoch of {len(train_loader)} steps, test pass {test_s:.1f} s: "
-        f"{MANUAL_EPOCHS} epochs = {total:.0f} s projected",
+        f"  manual: set-up {setup_s:.1f} s, {args.manual_steps} timed steps at {manual.BATCH_SIZE / step_s:.0f} images/s "
+        f"-> {epoch_s:.0f} s per epoch of {len(recipe.train_loader)} steps, test pass {test_s:.1f} s: "
+        f"{manual.NUM_EPOCHS} epochs = {total:.0f} s projected",
         flush=True,
     )
-    return {"folder": args.data == "folder", "setup_s": setup_s, "epoch_s": epoch_s, "test_s": test_s, "total_s": total, "images_per_s": MANUAL_BATCH / step_s}
+    return {"folder": args.data == "folder", "setup_s": setup_s, "epoch_s": epoch_s, "test_s": test_s, "total_s": total, "images_per_s": manual.BATCH_SIZE / step_s}
 
 
 def warm_cache(args: argparse.Namespace) -> None:
@@ -182,7 +158,7 @@ def curve_of(args: argparse.Namespace, run_dir: Path, start: float) -> list[tupl
     return points
 
 
-def plot(path: Path, curve: list[tuple[int, float, float]], ours: dict, manual: dict | None, target: float, title: str) -> None:
+def plot(path: Path, curve: list[tuple[int, float, float]], ours: dict, reference: dict | None, target: float, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,10 +168,10 @@ def plot(path: Path, curve: list[tuple[int, float, float]], ours: dict, manual: 
     minutes = [s / 60 for _, s, _ in curve]
     ax.plot(minutes, [100 * a for _, _, a in curve], "o-", color="tab:blue", label="ours: test accuracy after each epoch")
     ax.plot([ours["total_s"] / 60], [100 * ours["accuracy"]], "*", color="tab:blue", markersize=14, label=f"ours: printed test accuracy, {ours['total_s']:.0f} s")
-    if manual is not None:
-        x = manual["total_s"] / 60
+    if reference is not None:
+        x = reference["total_s"] / 60
         ax.plot([x], [100 * MANUAL_PRINTED], "s", color="tab:red", markersize=9, label=f"manual's recipe: 67.09% as printed, {x:.0f} min (projected)")
-        if manual.get("folder"):
+        if reference.get("folder"):
             ax.plot([x], [100 * MANUAL_ON_JPEG], "s", color="tab:red", fillstyle="none", markersize=9, label="manual's recipe on the JPEG copy: 64.89% (run once here)")
         ax.annotate("20 epochs of the\nmanual's loop", (x, 100 * MANUAL_PRINTED), textcoords="offset points", xytext=(-10, -40), ha="right", color="tab:red")
     ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
@@ -235,7 +211,7 @@ def main() -> None:
     quiet_known_noise()  # as train.py does
     print(f"device: {device_name(args.device)}; target {100 * args.target:.2f}% test accuracy; data {args.data}; torch {torch.__version__}", flush=True)
     warm_cache(args)
-    manual = None if args.skip_manual else manual_projection(args)
+    reference = None if args.skip_manual else manual_projection(args)
     with tempfile.TemporaryDirectory(prefix="vit-tta-") as tmp:
         run_dir = Path(tmp) / "ours"
         ours = run_ours(args, run_dir)
@@ -245,15 +221,15 @@ def main() -> None:
     print()
     print(f"| side | epochs | time | test accuracy | time vs the manual's |")
     print(f"|---|---|---|---|---|")
-    if manual is not None:
-        print(f"| manual's recipe (projected from {args.manual_steps} steps) | {MANUAL_EPOCHS} | {manual['total_s']:.0f} s | 67.09% (as printed) | 1 |")
-    ratio = f"1/{manual['total_s'] / ours['total_s']:.1f}" if manual is not None else "-"
+    if reference is not None:
+        print(f"| manual's recipe (projected from {args.manual_steps} steps) | {manual.NUM_EPOCHS} | {reference['total_s']:.0f} s | 67.09% (as printed) | 1 |")
+    ratio = f"1/{reference['total_s'] / ours['total_s']:.1f}" if reference is not None else "-"
     print(f"| ours: {' '.join(args.ours)} | {len(curve)} | {ours['total_s']:.0f} s | {100 * ours['accuracy']:.2f}% | {ratio} |")
     print()
     print(f"ours {'reached' if reached else 'did NOT reach'} {100 * args.target:.2f}% at the end of the run"
           + (f"; first epoch at or above it: {hit[0]} (checkpoint at {hit[1]:.0f} s)" if hit else ""))
     if args.png is not None:
-        plot(args.png, curve, ours, manual, args.target, f"Time to {100 * args.target:.2f}% on {device_name(args.device)}")
+        plot(args.png, curve, ours, reference, args.target, f"Time to {100 * args.target:.2f}% on {device_name(args.device)}")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,13 @@ def test_train_sizes_resize_training_batches_per_epoch_only():
     assert dm.on_after_batch_transfer((images, labels), 0)[0].shape == (4, 3, 24, 24)
     Trainer.training = False  # evaluation: the full size
     assert dm.on_after_batch_transfer((images, labels), 0)[0].shape == (4, 3, 32, 32)
+    # resized first, then augmented: a flip drawn at 16 px, one resampling
+    flipping = fake(train_sizes=[16], augment=True, crop_padding=0)
+    flipping.trainer = Trainer()
+    Trainer.training, Trainer.current_epoch = True, 0
+    small = flipping.preprocess(images, side=16)
+    out = flipping.preprocess(images, training=True, generator=torch.Generator().manual_seed(0), side=16)
+    assert all(torch.equal(o, s) or torch.equal(o, s.flip(-1)) for o, s in zip(out, small))
     with pytest.raises(ConfigError, match="data.train_sizes"):
         fake(train_sizes=[16, 0])
 

@@ -130,6 +130,26 @@ def test_tta_flip_averages_each_image_with_its_mirror():
     assert torch.equal(preds, averaged.argmax(1)) and not torch.allclose(loss, plain_loss)
 
 
+def test_tta_shift_averages_moved_copies_and_their_mirrors():
+    torch.manual_seed(0)
+    net = ViT(in_channels=3, patch_size=8, emb_size=16, img_size=32, depth=1, n_classes=10, num_heads=2).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    module = ClassifierModule(net, tta_flip=True, tta_shift=1)
+    views = module.test_views(x)
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    torch.testing.assert_close(views[1][..., 1:, 1:], x[..., :-1, :-1])  # moved down-right by one pixel
+    torch.testing.assert_close(views[2][..., :-1, :-1], x[..., 1:, 1:])  # moved up-left
+    torch.testing.assert_close(views[1][..., 0, 1:], x[..., 1, :-1])  # the new edge row reflects the image
+    torch.testing.assert_close(views[4], views[1].flip(-1))
+    loss, preds, _ = module._step((x, y))
+    with torch.no_grad():
+        averaged = sum(net(v) for v in views) / 6
+    torch.testing.assert_close(loss, F.cross_entropy(averaged, y))
+    assert len(ClassifierModule(net, tta_shift=2).test_views(x)) == 3
+    with pytest.raises(ConfigError, match="module.tta_shift must be an integer >= 0"):
+        ClassifierModule(net, tta_shift=-1)
+
+
 def test_retesting_uses_the_runs_tta_flip(make_cfg, tmp_path):
     from vit.run import test
 

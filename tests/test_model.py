@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests import manual_vit
+from vit import manual as manual_vit
 from vit.model import MultiHeadAttention, ViT
 
 CIFAR = dict(in_channels=3, patch_size=4, emb_size=64, img_size=32, depth=12, n_classes=10)
@@ -184,3 +184,49 @@ def test_dynamic_img_size_resamples_positions_and_keeps_the_full_size_exact():
         dynamic(torch.randn(1, 3, 18, 18))
     with pytest.raises(ValueError, match=r"\(3, 32, 32\)"):
         fixed(torch.randn(1, 3, 16, 16))
+
+
+def test_conv_stem_keeps_the_token_grid_and_mixes_neighbouring_pixels():
+    torch.manual_seed(0)
+    model = ViT(**{**SMALL, "patch_size": 4}, stem_channels=[8, 16], dynamic_img_size=True).eval()
+    embedding = model[0]
+    tokens = embedding(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 1 + 8 * 8, 32)  # the same grid as a plain patch-4 embedding
+    assert [m.stride for m in embedding.projection if isinstance(m, torch.nn.Conv2d)] == [(2, 2), (2, 2), (1, 1)]
+    # overlapping 3x3 filters: changing one pixel changes the tokens of the neighbouring patch too (a plain
+    # patch embedding changes only its own)
+    x = torch.randn(1, 3, 32, 32)
+    moved = x.clone()
+    moved[0, :, 3, 3] += 1.0  # the last pixel of patch (0, 0)
+    changed = (embedding(moved) - embedding(x)).abs().sum(-1)[0, 1:].view(8, 8) > 1e-6
+    assert changed[0, 0] and changed[0, 1] and changed[1, 1] and not changed[4, 4]
+    plain = ViT(**{**SMALL, "patch_size": 4}).eval()[0]
+    changed = (plain(moved) - plain(x)).abs().sum(-1)[0, 1:].view(8, 8) > 1e-6
+    assert changed.sum() == 1
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"patch_size=4 must be divisible by 2\*\*len\(stem_channels\)"):
+        ViT(**{**SMALL, "patch_size": 4}, stem_channels=[8, 8, 8])
+    with pytest.raises(ValueError, match="stem_channels must be positive integers"):
+        ViT(**SMALL, stem_channels=[0])
+
+
+def test_empty_stem_is_the_manuals_embedding():
+    torch.manual_seed(0)
+    plain = ViT(**CIFAR)
+    torch.manual_seed(0)
+    explicit = ViT(**CIFAR, stem_channels=[])
+    assert list(plain.state_dict()) == list(explicit.state_dict())
+    for (name, a), b in zip(plain.state_dict().items(), explicit.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_manual_recipe_trains_and_tests_the_manuals_own_model():
+    torch.manual_seed(0)
+    recipe = manual_vit.Recipe.set_up(*manual_vit.datasets(None, fake_sizes=(64, 32)), torch.device("cpu"), batch_size=16)
+    assert type(recipe.model) is manual_vit.ViT and n_params(recipe.model) == 607_946
+    before = [p.detach().clone() for p in recipe.model.parameters()]
+    seen = []
+    loss = recipe.train_epoch(lambda i: seen.append(i) or i < 2)  # two steps, then stop
+    assert seen == [0, 1, 2] and loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, recipe.model.parameters()))
+    assert 0 <= recipe.test() <= 100

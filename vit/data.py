@@ -265,14 +265,16 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
-    def preprocess(self, images: Tensor, training: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def preprocess(self, images: Tensor, training: bool = False, generator: torch.Generator | None = None, side: int | None = None) -> Tensor:
         """uint8 (b, c, h, w) -> normalised float (b, c, s, s), the model's input; ``training`` applies the
         augmentations switched on, each on its own (``augment``: crop + flip, ``trivial_augment``: TrivialAugment),
-        drawing from ``generator`` (the global stream when None)."""
+        drawing from ``generator`` (the global stream when None). ``side`` (progressive resizing) replaces
+        ``image_size``: the images are resized first, so the augmentations run on the small images, once."""
         if self.mean.device != images.device:  # moved once, not copied every batch
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         crop_padding = self.crop_padding if training and self.augment else None
-        return to_model_input(images, self.mean, self.std, self.image_size, crop_padding, training and self.trivial_augment, generator)
+        size = side if side is not None else self.image_size
+        return to_model_input(images, self.mean, self.std, size, crop_padding, training and self.trivial_augment, generator)
 
     def augment_generator(self, rank: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:
         """The crops' and ops' random stream of one training batch on one rank (``augment.batch_generator``)."""
@@ -287,12 +289,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.augment or self.trivial_augment:
             # Lightning counts this epoch's batches before this one in `ready` (it counts this one after the transfer).
             generator = self.augment_generator(trainer.global_rank, trainer.current_epoch, self._train_progress().ready, images.device)
-        x = self.preprocess(images, training=True, generator=generator)
-        side = self.train_side(trainer.current_epoch)
-        if side is not None and x.shape[-1] != side:
-            # resizing is linear and keeps constants, so it commutes with the normalisation
-            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        return x, labels
+        return self.preprocess(images, training=True, generator=generator, side=self.train_side(trainer.current_epoch)), labels
 
     def train_side(self, epoch: int) -> int | None:
         """The side of training images in ``epoch`` (0-based) under ``train_sizes``; None: the stored or ``image_size``."""

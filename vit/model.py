@@ -7,6 +7,7 @@ Class names, constructor arguments and the module tree are the manual's, so its
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,11 @@ class PatchEmbedding(nn.Module):
     ``dynamic_img_size``: images of any side divisible by ``patch_size`` are accepted, the
     positions resampled (bicubic) from the ``img_size`` grid to theirs; at ``img_size`` nothing
     changes. Progressive resizing (``data.train_sizes``) trains at smaller sides with it.
+    ``stem_channels``: a convolutional stem before the projection (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): one 3x3 stride-2 convolution, BatchNorm and ReLU per entry, so a
+    patch's pixels are mixed by small overlapping filters before they become a token; the projection
+    then covers what is left of the patch (``patch_size / 2**len(stem_channels)``, 1x1 when nothing).
+    Same tokens, same grid; small data sets learn faster with it. Empty (the manual's): one strided conv.
     """
 
     def __init__(
@@ -41,12 +47,19 @@ class PatchEmbedding(nn.Module):
         img_size: int = 224,
         pos_init: str = "randn",
         dynamic_img_size: bool = False,
+        stem_channels: Sequence[int] = (),
     ):
+        stem_channels = list(stem_channels or ())
         for name, value in (("in_channels", in_channels), ("patch_size", patch_size), ("emb_size", emb_size), ("img_size", img_size)):
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         _require(
             img_size % patch_size == 0,
             f"img_size={img_size} is not divisible by patch_size={patch_size}: choose a patch_size that divides {img_size}",
+        )
+        _require(
+            all(isinstance(c, int) and c > 0 for c in stem_channels) and patch_size % 2 ** len(stem_channels) == 0,
+            f"stem_channels must be positive integers, one stride-2 conv each, so patch_size={patch_size} must be divisible "
+            f"by 2**len(stem_channels); got {stem_channels}",
         )
         _require(pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {pos_init!r}")
         _require(pos_init != "sincos" or emb_size % 4 == 0, f"pos_init=sincos needs emb_size divisible by 4, got {emb_size}")
@@ -55,8 +68,14 @@ class PatchEmbedding(nn.Module):
         self.img_size = img_size
         self.in_channels = in_channels
         self.dynamic_img_size = dynamic_img_size
+        stem, channels = [], in_channels
+        for out in stem_channels:  # b c H W -> b out H/2 W/2
+            stem += [nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            channels = out
+        rest = patch_size // 2 ** len(stem_channels)
         self.projection = nn.Sequential(
-            nn.Conv2d(in_channels, emb_size, kernel_size=patch_size, stride=patch_size),
+            *stem,
+            nn.Conv2d(channels, emb_size, kernel_size=rest, stride=rest),
             Rearrange("b e h w -> b (h w) e"),
         )
         self.cls_token = nn.Parameter(torch.randn(1, 1, emb_size))
@@ -251,8 +270,8 @@ class ViT(nn.Sequential):
 
     Extra kwargs reach every TransformerEncoderBlock: ``drop_p``, ``forward_expansion``,
     ``forward_drop_p``, and through it the attention's ``num_heads``, ``dropout``,
-    ``seed_attention`` (the manual's attention formula) and ``fused``. ``pos_init`` and
-    ``dynamic_img_size`` go to the PatchEmbedding, ``pool`` to the ClassificationHead; their
+    ``seed_attention`` (the manual's attention formula) and ``fused``. ``pos_init``,
+    ``dynamic_img_size`` and ``stem_channels`` go to the PatchEmbedding, ``pool`` to the ClassificationHead; their
     defaults are the manual's model.
     """
 
@@ -267,10 +286,13 @@ class ViT(nn.Sequential):
         pool: str = "mean",
         pos_init: str = "randn",
         dynamic_img_size: bool = False,
+        stem_channels: Sequence[int] = (),
         **kwargs,
     ):
         super().__init__(
-            PatchEmbedding(in_channels, patch_size, emb_size, img_size, pos_init=pos_init, dynamic_img_size=dynamic_img_size),
+            PatchEmbedding(
+                in_channels, patch_size, emb_size, img_size, pos_init=pos_init, dynamic_img_size=dynamic_img_size, stem_channels=stem_channels
+            ),
             TransformerEncoder(depth, emb_size=emb_size, **kwargs),
             ClassificationHead(emb_size, n_classes, pool=pool),
         )
