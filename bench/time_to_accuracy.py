@@ -49,7 +49,7 @@ from torchvision import transforms
 from throughput import device_name, now  # the sibling script: same clock and device name
 from vit.cli import quiet_known_noise
 from vit.model import ViT
-from vit.run import test_checkpoint
+from vit.run import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 MANUAL_EPOCHS, MANUAL_BATCH, MANUAL_PRINTED = 20, 32, 0.6709
@@ -176,7 +176,7 @@ def curve_of(args: argparse.Namespace, run_dir: Path, start: float) -> list[tupl
             )
             epoch = int(re.search(r"epoch(\d+)", path.name).group(1)) + 1
             with contextlib.redirect_stdout(io.StringIO()):  # Lightning's results table, once per checkpoint
-                accuracy = test_checkpoint(cfg, path)["test/acc"]
+                accuracy = evaluate_checkpoint(cfg, path)["test/acc"]
             points.append((epoch, path.stat().st_mtime - start, accuracy))
             print(f"  ours: epoch {epoch}, checkpoint at {points[-1][1]:.1f} s, test accuracy {100 * accuracy:.2f}%", flush=True)
     return points

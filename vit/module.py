@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from vit import loop_state
 from vit.augment import batch_generator, mix
 from vit.errors import ConfigError
 
@@ -86,11 +87,16 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = batch
+    def evaluation_logits(self, x: Tensor) -> Tensor:
+        """The logits validation, test and ``vit.predict`` judge by: with ``tta_flip``, averaged with the mirror image's."""
         logits = self.net(x)
         if self.tta_flip:
             logits = (logits + self.net(x.flip(-1))) / 2  # b c h w: the last axis is the width
+        return logits
+
+    def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch
+        logits = self.evaluation_logits(x)
         return F.cross_entropy(logits, y), logits.argmax(dim=1), y
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -122,8 +128,7 @@ class ClassifierModule(L.LightningModule):
         One process's only: under DDP a mid-epoch resume's train metrics for that epoch cover the batches after it.
         """
         trainer = self._trainer
-        epochs = trainer.fit_loop.epoch_progress.total if trainer is not None else None
-        if epochs is not None and trainer.world_size == 1 and epochs.processed < epochs.started:
+        if trainer is not None and trainer.world_size == 1 and loop_state.in_mid_epoch(trainer):
             checkpoint["train_metrics"] = {name: dict(getattr(self, name).metric_state) for name in TRAIN_METRICS}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
