@@ -76,19 +76,19 @@ def resolve(path: str | Path | None) -> Path:
 def _named_in_run_json(run_dir: Path, folder: Path) -> tuple[Path | None, str | None]:
     """The best checkpoint ``run.json`` names, where it was written or under its name in ``folder``; else why not
     (None where there is no ``run.json`` or it names none)."""
-    info = run_dir / "run.json"
-    if not info.is_file():
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
         return None, None
     try:
-        named = json.loads(info.read_text()).get("ckpt")
+        named = json.loads(run_json.read_text()).get("ckpt")
     except (OSError, ValueError, AttributeError) as e:
-        return None, f"{info} is damaged ({first_line(e)})"
+        return None, f"{run_json} is damaged ({first_line(e)})"
     if not named:
         return None, None
     for candidate in (Path(named), folder / Path(named).name):
         if candidate.is_file():
             return candidate, None
-    return None, f"{info} names the best checkpoint {named}, which is gone (also from {folder})"
+    return None, f"{run_json} names the best checkpoint {named}, which is gone (also from {folder})"
 
 
 def resume_from(cfg: DictConfig, stored: dict) -> str | None:
