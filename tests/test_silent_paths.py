@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from tests.conftest import TINY, make_image_folder
 from tests.faults import truncate
 from tests.test_reliability import one_line_error
 from vit import checkpoints, predict, report, run
-from vit.callbacks import INTERRUPTED
+from vit.callbacks import INTERRUPTED, TrainingDiverged
 from vit.data import FakeDataModule, FolderDataModule
 
 
@@ -59,6 +58,19 @@ def test_retesting_a_sweep_under_wandb_finishes_each_jobs_run(make_cfg, tmp_path
         (records,) = list(folder.glob("run-*.wandb"))
         data = records.read_bytes()
         assert job.encode() in data and b"test/acc" in data
+
+
+def test_a_failed_job_under_wandb_leaves_the_next_job_a_run_of_its_own(make_cfg, monkeypatch):
+    """A sweep goes on after a failed job in the same process: the next job must not log into the failed one's run."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    poison = ["+callbacks.poison._target_=tests.faults.PoisonAtEpoch", "+callbacks.poison.epoch=0"]
+    failed = make_cfg(["logger=wandb", "trainer.max_epochs=1", *poison], run="failed")
+    with pytest.raises(TrainingDiverged):
+        run.train(failed)
+    following = make_cfg(["logger=wandb", "trainer.max_epochs=1", "trainer.limit_test_batches=1"], run="next")
+    run.train(following)
+    assert len(list((Path(following.paths.output_dir) / "wandb").glob("offline-run-*"))) == 1
 
 
 def earlier_run(make_cfg, overrides: list[str]) -> Path:

@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig
 
 from vit import checkpoints
+from vit.builders import evaluation_module
 from vit.cli import check_command_line, run_reporting_errors
 from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
-from vit.builders import evaluation_module
 from vit.errors import ConfigError, require_int
 
 log = logging.getLogger(__name__)

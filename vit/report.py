@@ -135,7 +135,8 @@ def write(rows: list[dict[str, Any]], extra: list[str], out_dir: Path, title: st
         writer.writerows(rows)
     os.replace(out_dir / "summary.csv.tmp", out_dir / "summary.csv")
     table = markdown(rows, extra, title)
-    (out_dir / "summary.md").write_text(table)
+    (out_dir / "summary.md.tmp").write_text(table)
+    os.replace(out_dir / "summary.md.tmp", out_dir / "summary.md")  # a kill mid-write leaves the previous report whole
     plot(rows, extra, out_dir / "summary.png", title)
     return table
 

@@ -86,7 +86,11 @@ def train(cfg: DictConfig) -> Metrics:
             trainer.world_size, datamodule.batch_size * trainer.world_size * accumulate, datamodule.batch_size, trainer.world_size, accumulate,
         )
     ckpt_path = checkpoints.resume_from(cfg, module.hparams["config"])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # Ctrl-C exits inside (interrupted.ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # Ctrl-C exits inside (interrupted.ckpt)
+    except BaseException:
+        trackers.close(trainer, failed=True)
+        raise
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else None

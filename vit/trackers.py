@@ -83,9 +83,13 @@ def log_run_end(trainer: L.Trainer, cfg: DictConfig, params: int, metrics: dict[
     close(trainer)
 
 
-def close(trainer: L.Trainer) -> None:
-    """Ends every logger's run, so the next run in this process (a sweep's next job) gets a run of its own."""
+def close(trainer: L.Trainer, failed: bool = False) -> None:
+    """Ends every logger's run, so the next run in this process (a sweep's next job) gets a run of its own; ``failed``:
+    after an error, which Lightning has already told the loggers of."""
     for logger in trainer.loggers:
-        logger.finalize("success")
+        if not failed:
+            logger.finalize("success")
         if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+            import wandb
+
+            wandb.finish(exit_code=1 if failed else 0)  # W&B's current run, which a new WandbLogger would join
