@@ -8,13 +8,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vit.cli import check_command_line, objective, run_reporting_errors
+from vit.cli import check_command_line, result_for_sweeper, run_reporting_errors
 from vit.run import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
-    return run_reporting_errors(partial(objective, train), cfg)
+    return run_reporting_errors(partial(result_for_sweeper, train), cfg)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from vit import manual
-from vit.run import build, build_callbacks, build_for_fit, build_net, build_trainer
+from vit.builders import build_callbacks, build_net, build_trainer, instantiate
+from vit.run import build_for_fit
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 VARIANTS = ("bare", "reference", "ours", "best", "compile")
@@ -168,7 +169,7 @@ def run_bare(args: argparse.Namespace, batch: int) -> Row:
     cfg = compose_config(args, batch, 1, args.tmp / "bare")
     L.seed_everything(args.seed, verbose=False)
     net = build_net(cfg.model, 10).to(device)
-    optimizer = build(cfg.optim, "optim")(params=net.parameters())
+    optimizer = instantiate(cfg.optim, "optim")(params=net.parameters())
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     x = torch.randn(batch, 3, 32, 32, device=device)

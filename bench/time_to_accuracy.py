@@ -45,7 +45,7 @@ from hydra import compose, initialize_config_dir
 from throughput import device_name, now  # the sibling script: same clock and device name
 from vit import manual
 from vit.cli import quiet_known_noise
-from vit.run import test_checkpoint
+from vit.run import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 MANUAL_PRINTED = 0.6709
@@ -152,7 +152,7 @@ def curve_of(args: argparse.Namespace, run_dir: Path, start: float) -> list[tupl
             )
             epoch = int(re.search(r"epoch(\d+)", path.name).group(1)) + 1
             with contextlib.redirect_stdout(io.StringIO()):  # Lightning's results table, once per checkpoint
-                accuracy = test_checkpoint(cfg, path)["test/acc"]
+                accuracy = evaluate_checkpoint(cfg, path)["test/acc"]
             points.append((epoch, path.stat().st_mtime - start, accuracy))
             print(f"  ours: epoch {epoch}, checkpoint at {points[-1][1]:.1f} s, test accuracy {100 * accuracy:.2f}%", flush=True)
     return points

@@ -45,3 +45,9 @@ class SaveAugmentation(L.Callback):
             images = torch.arange(4 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(4, 3, 32, 32)
             augmented, _ = trainer.datamodule.on_after_batch_transfer((images, torch.zeros(4, dtype=torch.long)), 0)
             torch.save(augmented, self.out_dir / f"augment_rank{trainer.global_rank}.pt")
+
+
+def truncate(path: Path, keep: int | None = None) -> None:
+    """Cuts a file short, as a copy or a disk fault can: to ``keep`` bytes, half of it by default."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2 if keep is None else keep])

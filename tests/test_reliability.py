@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, TINY, make_image_folder, run_script
-from vit import run
+from vit import checkpoints, run
 from vit.cli import run_reporting_errors
 from vit.model import ViT
 
@@ -195,9 +195,9 @@ def test_ckpt_path_last_finds_the_newest_run_with_this_config(make_cfg):
     run.train(first)
     (Path(first.paths.output_dir) / ".hydra").mkdir()
     (Path(first.paths.output_dir) / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(first))
-    assert run.find_last_checkpoint(make_cfg(["trainer.max_epochs=1", "ckpt_path=last"], run="second")) == Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert checkpoints.latest_resume_point(make_cfg(["trainer.max_epochs=1", "ckpt_path=last"], run="second")) == Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     with pytest.raises(run.ConfigError, match="ckpt_path=last: no earlier run"):
-        run.find_last_checkpoint(make_cfg(["trainer.max_epochs=1", "optim.lr=0.01", "ckpt_path=last"], run="third"))
+        checkpoints.latest_resume_point(make_cfg(["trainer.max_epochs=1", "optim.lr=0.01", "ckpt_path=last"], run="third"))
 
 
 def test_resuming_another_model_is_an_error(make_cfg, capsys, trained_run):

@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import TINY, run_script
 from vit import predict, report
+from vit.builders import evaluation_module
 from vit.model import ViT
 
 SWEEP_SMALL = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
@@ -196,7 +197,8 @@ def test_predict_agrees_with_the_model(trained_run, make_cfg, tmp_path, capsys):
     cfg = make_cfg([f"ckpt={trained_run}", f"image={images}", "top_k=3", "attention=true"], name="predict", tiny=False, run="predict")
     results = predict.predict(cfg)
     assert [Path(r["image"]).name for r in results] == ["gray.png", "noise.jpg", "rgba.png"]
-    net, config = predict.load_net(next((trained_run / "checkpoints").glob("epoch*.ckpt")))
+    module = evaluation_module(next((trained_run / "checkpoints").glob("epoch*.ckpt")))
+    net, config = module.net, module.hparams["config"]
     files = [Path(r["image"]) for r in results]
     _, x = predict.model_input(files, config["data"])
     with torch.no_grad():

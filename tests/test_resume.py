@@ -55,7 +55,7 @@ def test_resuming_a_run_dir_takes_its_newest_resume_point_not_its_best(make_cfg,
     best = next(folder.glob("epoch*.ckpt"))
     best.rename(folder / "epoch000-val_acc0.9999.ckpt")  # the best file, older than last.ckpt's epoch
     saved = checkpoints.load(folder / "last.ckpt")["hyper_parameters"]["config"]
-    assert run.resume_from(make_cfg([f"ckpt_path={run_dir}"]), saved) == str(folder / "last.ckpt")
+    assert checkpoints.resume_from(make_cfg([f"ckpt_path={run_dir}"]), saved) == str(folder / "last.ckpt")
     shutil.copy(folder / "last.ckpt", folder / callbacks.INTERRUPTED)  # Ctrl-C after the last epoch end: the newer file
     assert checkpoints.resume_point(run_dir) == folder / callbacks.INTERRUPTED
     (folder / "last.ckpt").unlink()

@@ -241,12 +241,12 @@ def test_optuna_search_with_sqlite_storage_resumes(tmp_path):
 
 def test_objective_is_the_optimized_metric(make_cfg):
     metrics = {"val/acc": 0.5, "test/acc": 0.25, "test/loss": 1.5, "epochs": 3}
-    assert cli.objective(lambda cfg: metrics, make_cfg()) == metrics
-    assert cli.objective(lambda cfg: metrics, make_cfg(["optimized_metric=test/loss"])) == 1.5
+    assert cli.result_for_sweeper(lambda cfg: metrics, make_cfg()) == metrics
+    assert cli.result_for_sweeper(lambda cfg: metrics, make_cfg(["optimized_metric=test/loss"])) == 1.5
     with pytest.raises(ConfigError, match="optimized_metric=val/ac is not a metric"):
-        cli.objective(lambda cfg: pytest.fail("trained"), make_cfg(["optimized_metric=val/ac"]))
+        cli.result_for_sweeper(lambda cfg: pytest.fail("trained"), make_cfg(["optimized_metric=val/ac"]))
     with pytest.raises(ConfigError, match="val/acc needs data.val_size > 0"):
-        cli.objective(lambda cfg: {**metrics, "val/acc": None}, make_cfg(["optimized_metric=val/acc"]))
+        cli.result_for_sweeper(lambda cfg: {**metrics, "val/acc": None}, make_cfg(["optimized_metric=val/acc"]))
 
 
 def test_a_preset_without_its_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):

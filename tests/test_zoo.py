@@ -10,6 +10,7 @@ from PIL import Image
 
 from tests.conftest import TINY, run_script
 from vit import predict, report
+from vit.builders import evaluation_module
 from vit.cli import run_reporting_errors
 from vit.errors import ConfigError
 from vit import run
@@ -69,7 +70,8 @@ def test_checkpoints_test_and_predict(side_by_side, make_cfg, tmp_path, which):
             predict.predict(cfg)
         cfg.attention = False
     (result,) = predict.predict(cfg)
-    net, config = predict.load_net(Path(report.job_row(job)["ckpt"]))
+    module = evaluation_module(Path(report.job_row(job)["ckpt"]))
+    net, config = module.net, module.hparams["config"]
     _, x = predict.model_input([image], config["data"])
     with torch.no_grad():
         probs = net(x).softmax(-1)[0]

@@ -31,7 +31,16 @@ class RunCheckpoint(ModelCheckpoint):
     - Ctrl-C saves ``interrupted.ckpt`` (mid-epoch) before the run exits.
     - ``last.ckpt`` is written at the end of every training epoch, after ``RunStats`` has recorded it (Lightning
       writes it at validation end when validating every n-th epoch, and skips it when the top-k did not change).
+    - A run without validation (``trainer.limit_val_batches=0``) has no score to monitor: it keeps the last
+      epoch, named ``WITHOUT_VALIDATION``.
     """
+
+    WITHOUT_VALIDATION = "epoch{epoch:03d}"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.limit_val_batches == 0 and self.monitor is not None:
+            self.monitor, self.filename = None, self.WITHOUT_VALIDATION
+        super().setup(trainer, pl_module, stage)
 
     def _should_save_on_train_epoch_end(self, trainer: L.Trainer) -> bool:
         if self._save_on_train_epoch_end is not None:
@@ -131,23 +140,31 @@ class RngState(Callback):
 
 
 class RunStats(Callback):
-    """Training time, throughput and the per-epoch validation curve, for reports; kept across resumes."""
+    """Training time, throughput and the per-epoch validation curve, for reports; kept across resumes.
+
+    A batch's time runs from the end of the one before it (or the start of its epoch, or the end of a validation)
+    to its own end: fetching it, moving it to the device and preparing it there (``on_after_batch_transfer``:
+    normalise, augment, resize), forward, backward and the optimizer step.
+    """
 
     def __init__(self) -> None:
-        self.train_time_s = 0.0  # wall time inside training steps (data, forward, backward, optimizer)
+        self.train_time_s = 0.0  # wall time of the training batches (data, forward, backward, optimizer)
         self.images = 0
         self.history: list[dict[str, float]] = []
         self._batch_start = 0.0
         self._val: dict[str, float] = {}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.train_time_s += time.perf_counter() - self._batch_start
+        now = time.perf_counter()
+        self.train_time_s += now - self._batch_start
+        self._batch_start = now
         self.images += len(batch[1]) * trainer.world_size  # DDP: every rank trains on a batch this size
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batch_start = time.perf_counter()  # a validation inside the epoch is not training time
         if not trainer.sanity_checking:
             self._val = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss", "val/acc")}
 

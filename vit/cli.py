@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vit.errors import ConfigError
+from vit.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
         try:
             parsed += parser.parse_overrides([arg])
         except OverrideParseException as e:
-            raise ConfigError(f"cannot read the override {arg}: {_first_line(e)} (see https://hydra.cc/docs/advanced/override_grammar/basic)") from None
+            raise ConfigError(f"cannot read the override {arg}: {first_line(e)} (see https://hydra.cc/docs/advanced/override_grammar/basic)") from None
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         groups = _group_overrides(parsed)  # every value of a sweep: Hydra would refuse a bad one only when its job starts
         try:
@@ -138,7 +138,7 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
         except ConfigCompositionException as e:
             refusal = e
         _explain_unknown_key(config_name, parsed, groups)
-        raise ConfigError(_first_line(refusal).removeprefix(f"In '{config_name}': ")) from None
+        raise ConfigError(first_line(refusal).removeprefix(f"In '{config_name}': ")) from None
 
 
 def override_args(args: list[str]) -> list[str] | None:
@@ -234,12 +234,7 @@ def _unknown_key(key: str, keys: dict[str, Any]) -> str:
     return f"{key} is not a config key: the config has {', '.join(sorted(k for k in candidates if '.' not in k))}"
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def objective(task: Callable[[DictConfig], dict], cfg: DictConfig) -> Any:
+def result_for_sweeper(task: Callable[[DictConfig], dict], cfg: DictConfig) -> Any:
     """``task(cfg)``'s metrics; with ``optimized_metric`` set, that one metric as a float, which a sweeper (Optuna) optimises.
 
     A single run ends with its run dir and the command that tests it again, as the last lines a user can paste.

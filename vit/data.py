@@ -23,8 +23,9 @@ from torch import Tensor
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vit import loop_state
 from vit.augment import batch_generator, random_crop_flip, trivial_augment
-from vit.errors import ConfigError
+from vit.errors import ConfigError, first_line, require_int
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,13 @@ class TrainLoader(DataLoader):
         self.sampler.resume_at(state_dict["epoch"], state_dict["batches"])
 
 
+def resize(x: Tensor, side: int | None) -> Tensor:
+    """Float images (b, c, h, w) to side x side, antialiased; as they are where ``side`` is None or already theirs."""
+    if side is None or x.shape[-2:] == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+
 def to_model_input(
     images: Tensor,
     mean: Sequence[float] | Tensor,
@@ -121,9 +129,7 @@ def to_model_input(
     """uint8 (b, c, h, w) -> float (b, c, s, s): scaled to [0, 1], resized to ``image_size``,
     augmented (random crop + flip when ``crop_padding`` is given, then TrivialAugment when
     ``trivial``; drawn from ``generator``), normalised. Training, testing and predict share it."""
-    x = images.float().div_(255)
-    if image_size is not None and x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    x = resize(images.float().div_(255), image_size)
     if crop_padding is not None:
         x = random_crop_flip(x, crop_padding, generator)
     if trivial:
@@ -177,8 +183,7 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         for name, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            require_int(name, value)
         if not isinstance(val_size, int) or val_size < 0:
             raise ConfigError(f"data.val_size must be an integer >= 0, got {val_size!r}")
         if len(mean) != len(std) or any(s <= 0 for s in std):
@@ -249,12 +254,8 @@ class ImageDataModule(L.LightningDataModule):
         # Training: equal shares, so the ranks step together; evaluation: every image exactly once.
         sampler = EpochBatches(len(data), batch_size, shuffle, self.seed, num_replicas=replicas, rank=rank, even_shares=shuffle)
         if shuffle and self.trainer is not None:
-            return TrainLoader(data, sampler, batches_done=lambda: self._train_progress().processed, pin_memory=pin)
+            return TrainLoader(data, sampler, batches_done=lambda: loop_state.batches_trained(self.trainer), pin_memory=pin)
         return DataLoader(data, sampler=sampler, batch_size=None, pin_memory=pin)
-
-    def _train_progress(self):
-        """This epoch's training batch counts (ready, processed, ...), as Lightning keeps and restores them."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
@@ -287,8 +288,8 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         generator = None
         if self.augment or self.trivial_augment:
-            # Lightning counts this epoch's batches before this one in `ready` (it counts this one after the transfer).
-            generator = self.augment_generator(trainer.global_rank, trainer.current_epoch, self._train_progress().ready, images.device)
+            index = loop_state.batches_before_this_one(trainer)
+            generator = self.augment_generator(trainer.global_rank, trainer.current_epoch, index, images.device)
         return self.preprocess(images, training=True, generator=generator, side=self.train_side(trainer.current_epoch)), labels
 
     def train_side(self, epoch: int) -> int | None:
@@ -442,8 +443,11 @@ class FolderDataModule(ImageDataModule):
         files = self._files(split)
         cache = self._cache_path(split, files)
         if cache is not None and cache.exists():
-            data = torch.load(cache, weights_only=True)
-            return data["images"], data["labels"]
+            try:
+                data = torch.load(cache, weights_only=True)
+                return data["images"], data["labels"]
+            except Exception as e:  # noqa: BLE001 - a damaged file can raise nearly any type while it is read
+                log.warning("The decode cache %s is damaged (%s): decoding the images again", cache, first_line(e))
         log.info("Decoding %d images under %s (once; cached in %s)", len(files), self.root / split, cache)
         images = torch.stack([decode_image(path, self.stored_size) for path, _ in files])
         labels = torch.tensor([label for _, label in files], dtype=torch.long)
@@ -481,8 +485,7 @@ class FakeDataModule(ImageDataModule):
     ):
         super().__init__(**kwargs)
         for name, value in (("data.num_classes", num_classes), ("data.train_size", train_size), ("data.test_size", test_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            require_int(name, value)
         self.classes = tuple(f"class{i}" for i in range(num_classes))
         self.train_size, self.test_size, self.stored_size, self.noise = train_size, test_size, stored_size, noise
         self.data_seed = data_seed

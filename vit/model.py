@@ -307,24 +307,31 @@ class ViT(nn.Sequential):
 
     @torch.no_grad()
     def attention_rollout(self, x: Tensor) -> Tensor:
-        """(b, c, H, W) -> (b, n, n) attention rollout (Abnar & Zuidema, 2020), n = 1 + patches.
+        """(b, c, H, W) -> (b, n, n) attention rollout (Abnar & Zuidema, 2020, see ``rollout``), n = 1 + patches.
 
-        Per layer: the heads' attention averaged, the identity added for the residual path,
-        rows renormalised; then the layers multiplied in order. Every row sums to 1: row i
-        says how much each input token contributes to output token i.
+        Every row sums to 1: row i says how much each input token contributes to output token i.
         """
         attention = self.attention_modules()
         for module in attention:
             module.keep_attention = True
         try:
             self(x)
-            rollout = None
-            for module in attention:
-                a = module.last_attention.float().mean(dim=1)  # b h q k -> b q k
-                a = a + torch.eye(a.shape[-1], device=a.device)
-                a = a / a.sum(dim=-1, keepdim=True)
-                rollout = a if rollout is None else a @ rollout
+            return rollout([module.last_attention for module in attention])
         finally:
             for module in attention:
                 module.keep_attention, module.last_attention = False, None
-        return rollout
+
+
+def rollout(attention: list[Tensor]) -> Tensor:
+    """Attention rollout of the layers' attention weights ((b, heads, n, n) each, first layer first) -> (b, n, n).
+
+    Per layer: the heads' attention averaged, the identity added for the residual path,
+    rows renormalised; then the layers multiplied in order.
+    """
+    result = None
+    for a in attention:
+        a = a.float().mean(dim=1)  # b h q k -> b q k
+        a = a + torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result

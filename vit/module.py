@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from vit import loop_state
 from vit.augment import batch_generator, mix
 from vit.errors import ConfigError
 
@@ -91,10 +92,14 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def evaluation_logits(self, x: Tensor) -> Tensor:
+        """The logits validation, test and ``vit.predict`` judge by: averaged over ``test_views`` (``tta_flip``, ``tta_shift``)."""
+        views = self.test_views(x)
+        return sum(self.net(view) for view in views) / len(views)
+
     def _step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
-        views = self.test_views(x)
-        logits = sum(self.net(view) for view in views) / len(views)
+        logits = self.evaluation_logits(x)
         return F.cross_entropy(logits, y), logits.argmax(dim=1), y
 
     def test_views(self, x: Tensor) -> list[Tensor]:
@@ -138,8 +143,7 @@ class ClassifierModule(L.LightningModule):
         One process's only: under DDP a mid-epoch resume's train metrics for that epoch cover the batches after it.
         """
         trainer = self._trainer
-        epochs = trainer.fit_loop.epoch_progress.total if trainer is not None else None
-        if epochs is not None and trainer.world_size == 1 and epochs.processed < epochs.started:
+        if trainer is not None and trainer.world_size == 1 and loop_state.in_mid_epoch(trainer):
             checkpoint["train_metrics"] = {name: dict(getattr(self, name).metric_state) for name in TRAIN_METRICS}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -20,22 +20,12 @@ import torch
 from omegaconf import DictConfig
 
 from vit import checkpoints
+from vit.builders import evaluation_module
 from vit.cli import check_command_line, run_reporting_errors
 from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
-from vit.errors import ConfigError
-from vit.run import build_net
+from vit.errors import ConfigError, require_int
 
 log = logging.getLogger(__name__)
-
-
-def load_net(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained net (eval mode) and its run config, from a checkpoint alone."""
-    checkpoint = checkpoints.load(path)
-    config = checkpoint["hyper_parameters"]["config"]
-    net = build_net({**config["model"], "compile": False}, pretrained=False)
-    weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(weights)
-    return net.eval(), config
 
 
 def image_files(path: str | None) -> list[Path]:
@@ -86,9 +76,9 @@ def overlay(image: torch.Tensor, saliency: torch.Tensor, title: str, path: Path)
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for every image; returns one dict per image."""
-    if not isinstance(cfg.top_k, int) or cfg.top_k < 1:
-        raise ConfigError(f"top_k must be an integer >= 1, got {cfg.top_k!r}")
-    net, config = load_net(checkpoints.resolve(cfg.get("ckpt")))
+    require_int("top_k", cfg.top_k)
+    module = evaluation_module(checkpoints.resolve(cfg.get("ckpt")))
+    net, config = module.net, module.hparams["config"]
     if cfg.attention and not getattr(net, "has_attention", hasattr(net, "attention_rollout")):
         name = config["model"].get("name") or config["model"]["_target_"].rsplit(".", 1)[-1]
         raise ConfigError(f"the model {name} has no attention maps: leave out attention=true")
@@ -100,7 +90,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         batch = files[start : start + cfg.batch_size]
         images, x = model_input(batch, config["data"])
         with torch.no_grad():
-            probs = net(x).softmax(dim=-1)
+            probs = module.evaluation_logits(x).softmax(dim=-1)  # as test.py judges it (module.tta_flip)
         top = probs.topk(min(cfg.top_k, len(classes)), dim=-1)
         saliency = patch_saliency(net, x) if cfg.attention else None
         for i, path in enumerate(batch):

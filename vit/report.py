@@ -17,10 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from vit.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +43,53 @@ def is_sweep_dir(path: str | Path) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The file's contents; {} where there is none, also where it is damaged (with a warning naming it)."""
+    if not path.exists():
+        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        contents = json.loads(path.read_text())
+        if not isinstance(contents, dict):
+            raise ValueError(f"a JSON {type(contents).__name__}, not an object")
+        return contents
+    except (OSError, ValueError) as e:
+        log.warning("%s is damaged (%s): the sweep report leaves out what it held; run job %s again to write it", path, first_line(e), path.parent.name)
         return {}
 
 
+def _read_yaml(path: Path) -> Any:
+    """The file's contents; None where it is damaged (with a warning naming it)."""
+    try:
+        return OmegaConf.load(path)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        log.warning("%s is damaged (%s): the sweep report leaves out what it held", path, first_line(e))
+        return None
+
+
 def _overrides(job: Path) -> dict[str, str]:
-    lines = OmegaConf.load(job / ".hydra" / "overrides.yaml") if (job / ".hydra" / "overrides.yaml").exists() else []
+    path = job / ".hydra" / "overrides.yaml"
+    lines = (_read_yaml(path) if path.exists() else None) or []
     return dict(str(line).split("=", 1) for line in lines if "=" in str(line) and not str(line).startswith("hydra."))
 
 
 def job_row(job: Path) -> dict[str, Any]:
-    config = OmegaConf.load(job / ".hydra" / "config.yaml")
-    metrics, info, status = _read_json(job / "metrics.json"), _read_json(job / "run.json"), _read_json(job / "job.json")
+    config = _read_yaml(job / ".hydra" / "config.yaml")
+    setting = (lambda key: OmegaConf.select(config, key, default=None)) if isinstance(config, DictConfig) else (lambda key: None)
+    metrics, summary, status = _read_json(job / "metrics.json"), _read_json(job / "run.json"), _read_json(job / "job.json")
     return {
         "job": job.name,
-        "max_epochs": OmegaConf.select(config, "trainer.max_epochs"),
-        "batch_size": OmegaConf.select(config, "data.batch_size"),
-        "lr": OmegaConf.select(config, "optim.lr"),
+        "max_epochs": setting("trainer.max_epochs"),
+        "batch_size": setting("data.batch_size"),
+        "lr": setting("optim.lr"),
         "status": status.get("status") or ("ok" if metrics else NO_RESULT),
         "val_acc": metrics.get("val/acc"),
         "test_acc": metrics.get("test/acc"),
         "test_loss": metrics.get("test/loss"),
         "epochs": metrics.get("epochs"),
-        "train_time_s": info.get("train_time_s"),
-        "images_per_s": info.get("images_per_s"),
-        "params": info.get("params"),
-        "ckpt": info.get("ckpt"),
-        "history": info.get("history", []),  # for the plot, not a column
+        "train_time_s": summary.get("train_time_s"),
+        "images_per_s": summary.get("images_per_s"),
+        "params": summary.get("params"),
+        "ckpt": summary.get("ckpt"),
+        "history": summary.get("history", []),  # for the plot, not a column
     }
 
 
@@ -114,7 +135,8 @@ def write(rows: list[dict[str, Any]], extra: list[str], out_dir: Path, title: st
         writer.writerows(rows)
     os.replace(out_dir / "summary.csv.tmp", out_dir / "summary.csv")
     table = markdown(rows, extra, title)
-    (out_dir / "summary.md").write_text(table)
+    (out_dir / "summary.md.tmp").write_text(table)
+    os.replace(out_dir / "summary.md.tmp", out_dir / "summary.md")  # a kill mid-write leaves the previous report whole
     plot(rows, extra, out_dir / "summary.png", title)
     return table
 
@@ -207,8 +229,7 @@ class SweepReport(Callback):
         if job_return.status == JobStatus.COMPLETED:
             status = "ok"
         else:
-            error = str(job_return._return_value).strip() or type(job_return._return_value).__name__
-            status = f"failed: {error.splitlines()[0]}"
+            status = f"failed: {first_line(job_return._return_value)}"
         job_dir = Path(hydra_cfg.runtime.output_dir)
         (job_dir / "job.json").write_text(json.dumps({"status": status}) + "\n")
         sweep_dir = job_dir.parent  # job dirs are sweep_dir/<hydra.job.num>

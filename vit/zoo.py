@@ -14,7 +14,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from vit.errors import ConfigError
+from vit.errors import ConfigError, first_line
+from vit.model import rollout
 
 
 class TimmNet(nn.Module):
@@ -73,19 +74,24 @@ class TimmNet(nn.Module):
         try:
             return timm.create_model(name, **options)
         except TypeError as e:
-            raise ConfigError(f"model.name={name} does not take these arguments: {str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"model.name={name} does not take these arguments: {first_line(e)}") from None
         except (OSError, RuntimeError) as e:
             if pretrained_file:
-                raise ConfigError(f"model.pretrained_file={pretrained_file} does not fit model.name={name}: {str(e).strip().splitlines()[0]}") from None
+                raise ConfigError(f"model.pretrained_file={pretrained_file} does not fit model.name={name}: {first_line(e)}") from None
             if options.get("pretrained"):
                 raise ConfigError(
-                    f"model.pretrained=true: timm could not fetch the weights of {name} ({str(e).strip().splitlines()[0][:120]}): "
+                    f"model.pretrained=true: timm could not fetch the weights of {name} ({first_line(e)[:120]}): "
                     "offline, give a local weights file with model.pretrained_file=PATH"
                 ) from None
             raise
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    @property
+    def dynamic_img_size(self) -> bool:
+        """Whether a fixed-size model takes other sizes too (timm's ViTs with ``dynamic_img_size=True`` in ``model.kwargs``)."""
+        return bool(getattr(self.model, "dynamic_img_size", False))
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -104,8 +110,8 @@ class TimmNet(nn.Module):
         if not self.has_attention:
             raise ConfigError(f"model.name={self.name} has no attention maps: leave out attention=true")
         attention = [block.attn for block in self.model.blocks]
-        kept: list[Tensor] = []
-        hooks = [a.attn_drop.register_forward_hook(lambda m, i, out: kept.append(out.detach())) for a in attention]
+        maps: list[Tensor] = []
+        hooks = [a.attn_drop.register_forward_hook(lambda m, i, out: maps.append(out.detach())) for a in attention]
         fused = [a.fused_attn for a in attention]
         for a in attention:
             a.fused_attn = False
@@ -115,13 +121,7 @@ class TimmNet(nn.Module):
             for a, f, hook in zip(attention, fused, hooks):
                 a.fused_attn = f
                 hook.remove()
-        rollout = None
-        for a in kept:
-            a = a.float().mean(dim=1)  # b h q k -> b q k
-            a = a + torch.eye(a.shape[-1], device=a.device)
-            a = a / a.sum(dim=-1, keepdim=True)
-            rollout = a if rollout is None else a @ rollout
-        return rollout
+        return rollout(maps)
 
 
 class ResNet18CIFAR(TimmNet):
