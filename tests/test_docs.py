@@ -19,7 +19,20 @@ DOCS = [README, *PAGES]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # group=option as a command names it: experiment=fast, hydra/launcher=joblib, model=vit_cifar,resnet18_cifar,
 # 'logger=[csv,wandb]'. Not model.name=... (a key, not a group).
-GROUPS = ("experiment", "model", "data", "logger", "optim", "scheduler", "module", "trainer", "callbacks", "paths", "hparams_search", "hydra/launcher")
+GROUPS = (
+    "experiment",
+    "model",
+    "data",
+    "logger",
+    "optim",
+    "scheduler",
+    "module",
+    "trainer",
+    "callbacks",
+    "paths",
+    "hparams_search",
+    "hydra/launcher",
+)
 OPTION = re.compile(r"(?<![\w./+-])(" + "|".join(re.escape(g) for g in GROUPS) + r")=\[?([A-Za-z_][\w,]*)")
 # The one-line answer to an option that does not exist (vit/cli.py), as quoted: "X=Y is not an option: use one of A, B, C".
 QUOTED_OPTIONS = re.compile(r"([\w/]+)=\w+ is not an option: use one of ([\w, ]+?)(?: \(|`|$)", re.MULTILINE)
