@@ -57,6 +57,7 @@ def test_test_and_predict_configs_are_checked_too():
         cli.check_overrides(CONF, "predict", ["topk=3"])
 
 
+@pytest.mark.slow
 def test_unknown_key_and_option_are_one_line_from_the_scripts(tmp_path):
     for args, message in [
         (["optim.learning_rate=1e-3"], "Error: optim.learning_rate is not a config key: did you mean optim.lr?"),
@@ -89,6 +90,7 @@ def test_values_of_the_wrong_type_name_the_key(make_cfg, overrides, message):
     assert message in str(info.value), str(info.value)
 
 
+@pytest.mark.slow
 def test_wrong_type_is_one_line_from_the_script(tmp_path):
     result = run_script("train.py", "data=fake", "optim.lr=abc", f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 1

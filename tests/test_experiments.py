@@ -55,6 +55,7 @@ def test_assignment_preset_is_the_design_card_sweep(make_cfg):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.slow
 def test_each_experiment_trains_a_few_batches(make_cfg, experiment):
     overrides = [f"experiment={experiment}", *FEW_BATCHES, "data.val_size=0" if "seed" in experiment else "data.val_size=64"]
     if experiment == "cifar_best":

@@ -144,6 +144,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(make_cfg, capsys, ev
 RESUMABLE = [*TINY, "data.train_size=512", "trainer.max_epochs=4", "data.augment=true", "model.drop_p=0.1"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(make_cfg, tmp_path):
     """kill -9 in the middle of epoch 2, resume from last.ckpt: the same metrics.json as a run never killed."""
     uninterrupted = run.train(make_cfg(RESUMABLE[len(TINY):], run="full"))
@@ -171,6 +172,7 @@ def test_killed_run_resumes_to_the_same_metrics(make_cfg, tmp_path):
     assert list((killed / "checkpoints").glob("epoch*.ckpt")), "the killed run's best checkpoint is kept"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     steps_per_epoch = (256 - 64) // 32
@@ -210,6 +212,7 @@ def test_deterministic_runs_are_identical(make_cfg):
     assert run.train(make_cfg(overrides, run="a")) == run.train(make_cfg(overrides, run="b"))
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_their_own_dirs(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_epochs=1"]
     procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]

@@ -43,6 +43,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_makes_eight_job_dirs(design_card_sweep):
     jobs = report.job_dirs(design_card_sweep)
     assert [j.name for j in jobs] == [str(i) for i in range(8)]
@@ -51,6 +52,7 @@ def test_sweep_makes_eight_job_dirs(design_card_sweep):
         assert list(job.rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_report_has_a_row_per_job_with_its_metrics(design_card_sweep):
     rows = read_csv(design_card_sweep / "summary.csv")
     assert list(rows[0]) == report.COLUMNS  # nothing else varies in this sweep
@@ -75,6 +77,7 @@ def test_report_has_a_row_per_job_with_its_metrics(design_card_sweep):
     assert Image.open(design_card_sweep / "summary.png").size[0] > 800
 
 
+@pytest.mark.slow
 def test_event_files_carry_hparams_and_test_images(design_card_sweep):
     job = design_card_sweep / "0"
     metrics = json.loads((job / "metrics.json").read_text())
@@ -99,6 +102,7 @@ def test_event_files_carry_hparams_and_test_images(design_card_sweep):
 HPARAMS_METRICS = {"hparams/best_val_acc": "val/acc", "hparams/test_acc": "test/acc", "hparams/test_loss": "test/loss"}
 
 
+@pytest.mark.slow
 def test_tensorboard_keeps_every_point_of_every_curve(design_card_sweep):
     """Read as TensorBoard reads it (its loader, default settings): a step going back would drop the points after it."""
     (job,) = [j for j in report.job_dirs(design_card_sweep) if report.job_row(j)["max_epochs"] == 3 and report.job_row(j)["lr"] == 1e-3 and report.job_row(j)["batch_size"] == 32]
@@ -112,6 +116,7 @@ def test_tensorboard_keeps_every_point_of_every_curve(design_card_sweep):
     assert max(e.value for e in events.Scalars("val/acc")) == pytest.approx(metrics["val/acc"])
 
 
+@pytest.mark.slow
 def test_report_rebuilds_an_interrupted_sweep(design_card_sweep, tmp_path):
     sweep = tmp_path / "copy"
     shutil.copytree(design_card_sweep, sweep)
@@ -126,6 +131,7 @@ def test_report_rebuilds_an_interrupted_sweep(design_card_sweep, tmp_path):
     assert report.main([str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.slow
 def test_test_script_on_a_sweep_prints_the_table(design_card_sweep, tmp_path):
     result = run_script("test.py", f"ckpt={design_card_sweep}", f"hydra.run.dir={tmp_path / 'test'}", "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -142,6 +148,7 @@ def test_test_script_on_a_sweep_prints_the_table(design_card_sweep, tmp_path):
     assert not list((tmp_path / "test" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_failing_job_keeps_its_row_and_the_others_run(tmp_path):
     # the default sweep dir, outputs/multirun/<date>/<time>_<us> (its ${now:} must not be resolved twice)
     result = run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "optim.lr=-1,1e-3", cwd=tmp_path)

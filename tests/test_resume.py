@@ -23,6 +23,7 @@ def history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "run.json").read_text())["history"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupted(make_cfg, tmp_path):
     """SIGINT after batch 5 of epoch 1, resume from interrupted.ckpt: the same metrics, curve and weights as a run never stopped."""
     overrides = [*RESUMABLE, "trainer.max_epochs=2"]

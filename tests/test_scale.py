@@ -83,6 +83,7 @@ def test_the_datamodule_shards_by_the_trainers_rank_with_the_same_split_everywhe
         assert torch.equal(torch.cat(l0[name] + l1[name]), data.labels)  # every image once, in order
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_writes_one_set_of_synced_results(tmp_path, make_cfg):
     # 129 val and test images in batches of 64: rank 0 gets 65 (2 batches), rank 1 64 (1 batch), and the synced
     # metrics must still be one process's; 127 training images: 63 each, one left out.
@@ -116,6 +117,7 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_synced_results(tmp_path, mak
     assert retested["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_test_py_under_ddp_writes_metrics_from_rank_0_only(tmp_path, trained_run):
     run_dir = tmp_path / "test_ddp"
     result = run_script("test.py", f"ckpt={trained_run}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
@@ -159,6 +161,7 @@ def test_ddp_preset_and_the_trainer_defaults(make_cfg):
 # --- Launchers ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_joblib_runs_four_jobs_on_two_workers_and_the_report_has_them_all(tmp_path):
     result = run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,2e-3", "data.batch_size=32,64", *SMALL, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -169,6 +172,7 @@ def test_joblib_runs_four_jobs_on_two_workers_and_the_report_has_them_all(tmp_pa
     assert len(set().union(*(writer_pids(tmp_path / r["job"] / "tensorboard") for r in rows))) == 2  # two worker processes
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     result = run_script("train.py", "-m", "hydra/launcher=submitit_local", "optim.lr=1e-3,2e-3", *SMALL, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -224,6 +228,7 @@ def test_optuna_preset_searches_lr_batch_size_weight_decay_and_epochs():
     assert set(sweeper.params) == {"optim.lr", "data.batch_size", "optim.weight_decay", "trainer.max_epochs"}
 
 
+@pytest.mark.slow
 def test_optuna_search_with_sqlite_storage_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", *SMALL]

@@ -17,6 +17,7 @@ def tiny_run(make_cfg, logger: str) -> tuple[DictConfig, Path, dict]:
     return cfg, Path(cfg.paths.output_dir), train(cfg)
 
 
+@pytest.mark.slow
 def test_csv_and_mlflow_hold_curves_settings_and_final_metrics(make_cfg):
     mlflow = pytest.importorskip("mlflow")
     cfg, run_dir, metrics = tiny_run(make_cfg, "[csv,mlflow]")  # a list of loggers

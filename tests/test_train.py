@@ -96,6 +96,7 @@ def test_default_data_offline_is_one_line_naming_the_fix(make_cfg, monkeypatch, 
     assert len(err) == 1 and "data=folder data.root=" in err[0] and "data=fake" in err[0]
 
 
+@pytest.mark.slow
 def test_test_script_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for args, message in [
@@ -110,12 +111,14 @@ def test_test_script_errors_are_one_line(tmp_path):
         assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_train_script_bad_value_is_one_line(tmp_path):
     result = run_script("train.py", "data=fake", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["Error: optim.lr must be > 0, got -1"]
 
 
+@pytest.mark.slow
 def test_compiled_model_checkpoint_loads_with_test_py(make_cfg, tmp_path):
     cfg = make_cfg(["model.compile=true", "trainer.max_epochs=1", "data.train_size=128"])
     metrics = train(cfg)

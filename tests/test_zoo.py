@@ -43,6 +43,7 @@ def read_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
         return {r["job"]: r for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_side_by_side_report_has_a_row_per_model(side_by_side):
     rows = read_rows(side_by_side)
     params = {r["model"]: int(r["params"]) for r in rows.values()}
@@ -56,6 +57,7 @@ def test_side_by_side_report_has_a_row_per_model(side_by_side):
 
 
 @pytest.mark.parametrize("which", ["resnet18_cifar", "vit_tiny_cifar"])
+@pytest.mark.slow
 def test_checkpoints_test_and_predict(side_by_side, make_cfg, tmp_path, which):
     job = next(side_by_side / r["job"] for r in read_rows(side_by_side).values() if r["model"] == which)
     trained = json.loads((job / "metrics.json").read_text())

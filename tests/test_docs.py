@@ -1,0 +1,124 @@
+"""What the README and docs/ quote, checked against the project: links, config options, the quoted option lists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from tests.conftest import CONF, ROOT
+
+README = ROOT / "README.md"
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+DOCS = [README, *PAGES]
+
+# [text](target) and ![alt](target); the target up to a space or the closing parenthesis.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+# group=option as a command names it: experiment=fast, hydra/launcher=joblib, model=vit_cifar,resnet18_cifar,
+# 'logger=[csv,wandb]'. Not model.name=... (a key, not a group).
+GROUPS = (
+    "experiment",
+    "model",
+    "data",
+    "logger",
+    "optim",
+    "scheduler",
+    "module",
+    "trainer",
+    "callbacks",
+    "paths",
+    "hparams_search",
+    "hydra/launcher",
+)
+OPTION = re.compile(r"(?<![\w./+-])(" + "|".join(re.escape(g) for g in GROUPS) + r")=\[?([A-Za-z_][\w,]*)")
+# The one-line answer to an option that does not exist (vit/cli.py), as quoted: "X=Y is not an option: use one of A, B, C".
+QUOTED_OPTIONS = re.compile(r"([\w/]+)=\w+ is not an option: use one of ([\w, ]+?)(?: \(|`|$)", re.MULTILINE)
+# Values the docs name on purpose because they are not options (an example of the error that answers them).
+NOT_OPTIONS = {("experiment", "sed"), ("data", "fakes")}
+
+
+def without_code_blocks(text: str) -> str:
+    """The Markdown outside ``` fences: a link inside a code block is text, not a link."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown page: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", without_code_blocks(page.read_text()), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def relative_links(page: Path) -> list[str]:
+    return [t for t in LINK.findall(without_code_blocks(page.read_text())) if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.fixture(scope="module")
+def group_options():
+    """Each config group's options as Hydra lists them (conf/ and the installed Hydra plugins), as vit/cli.py checks them."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        options = {group: set(loader.get_group_options(group)) for group in GROUPS}
+    GlobalHydra.instance().clear()
+    return options
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(README.parent / t.split("#")[0]).resolve() for t in relative_links(README)}
+    assert PAGES, "docs/ has no pages"
+    assert [p.name for p in PAGES if p.resolve() not in linked] == []
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_images_exist(page):
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(target)
+    assert broken == []
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_options_named_in_the_docs_exist(page, group_options):
+    named = {(group, value) for group, values in OPTION.findall(page.read_text()) for value in values.split(",") if value}
+    unknown = sorted((g, v) for g, v in named - NOT_OPTIONS if v not in group_options[g])
+    assert unknown == []
+
+
+def test_the_deliberate_non_options_are_not_options(group_options):
+    assert [(g, v) for g, v in NOT_OPTIONS if v in group_options[g]] == []
+
+
+def test_quoted_option_lists_are_the_groups_options(group_options):
+    quoted = [(group, options) for page in DOCS for group, options in QUOTED_OPTIONS.findall(page.read_text())]
+    assert quoted, "no quoted option list found: the pattern no longer matches the docs"
+    for group, options in quoted:
+        assert options.split(", ") == sorted(group_options[group]), group
+
+
+def test_the_quoted_option_message_is_the_codes():
+    """The docs quote vit/cli.py's message for an option that does not exist."""
+    source = (ROOT / "vit" / "cli.py").read_text()
+    assert "is not an option: use one of {', '.join(options)}{hint}" in source
+    assert "(did you mean {close[0]}?)" in source
+
+
+def test_the_configuration_table_names_every_option(group_options):
+    """docs/configuration.md's table of groups: each group's row names each of its options."""
+    rows = re.findall(r"^\| `([\w/]+)` \| (.*?) \|", (ROOT / "docs" / "configuration.md").read_text(), flags=re.MULTILINE)
+    assert {group for group, _ in rows} >= {"experiment", "model", "data", "logger", "optim", "scheduler", "trainer"}
+    missing = sorted((group, o) for group, cell in rows for o in group_options[group] if f"`{o}`" not in cell)
+    assert missing == []
+
+
+def test_the_readmes_preset_list_is_conf_experiment(group_options):
+    listed = re.search(r"\(`conf/experiment/`: ([^)]*)\)", README.read_text())
+    assert listed, "the README no longer lists the presets as (`conf/experiment/`: ...)"
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == group_options["experiment"]
