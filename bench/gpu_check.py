@@ -66,18 +66,51 @@ def main() -> int:
     python = sys.executable
     report = [f"# GPU check: {torch.cuda.get_device_name(0)}", "", f"torch {torch.__version__}, data {root}", ""]
     data = ["data=folder", f"data.root={root}", "trainer.accelerator=gpu"]
-    step(report, "Throughput, 16-mixed", [python, "bench/throughput.py", "--device", "cuda", "--data", "folder", "--root", str(root), "--steps", "200"], 120)
-    step(report, "Race to 67.09%", [python, "bench/time_to_accuracy.py", "--device", "cuda", "--data", "folder", "--root", str(root), "--png", str(out / "time_to_accuracy.png")], 180)
+    step(
+        report,
+        "Throughput, 16-mixed",
+        [python, "bench/throughput.py", "--device", "cuda", "--data", "folder", "--root", str(root), "--steps", "200"],
+        120,
+    )
+    step(
+        report,
+        "Race to 67.09%",
+        [
+            python,
+            "bench/time_to_accuracy.py",
+            "--device",
+            "cuda",
+            "--data",
+            "folder",
+            "--root",
+            str(root),
+            "--png",
+            str(out / "time_to_accuracy.png"),
+        ],
+        180,
+    )
     rows = ["| preset | exit | wall s | images/s | test acc (short epoch) |", "|---|---|---|---|---|"]
     for preset in PRESETS:
         run_dir = out / preset
-        command = [python, "train.py", f"experiment={preset}", *data, "trainer.max_epochs=1", f"trainer.limit_train_batches={args.steps}",
-                   "trainer.limit_val_batches=5", "trainer.limit_test_batches=10", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+        command = [
+            python,
+            "train.py",
+            f"experiment={preset}",
+            *data,
+            "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={args.steps}",
+            "trainer.limit_val_batches=5",
+            "trainer.limit_test_batches=10",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ]
         began = time.perf_counter()
         code, output = step(report, f"One short epoch of experiment={preset}", command, 60)
         stats = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
         accuracy = re.search(r"Accuracy on test set: ([\d.]+%)", output)
-        rows.append(f"| {preset} | {code} | {time.perf_counter() - began:.0f} | {stats.get('images_per_s', '-')} | {accuracy.group(1) if accuracy else '-'} |")
+        rows.append(
+            f"| {preset} | {code} | {time.perf_counter() - began:.0f} | {stats.get('images_per_s', '-')} | {accuracy.group(1) if accuracy else '-'} |"
+        )
     report += ["## Presets, one short epoch each", "", *rows, ""]
     step(report, "test.py on the fast run", [python, "test.py", f"ckpt={out / 'fast'}", *data[:2]], 60)
     image = next(iter(sorted((root / "test").glob("*/*"))), None)

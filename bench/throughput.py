@@ -277,13 +277,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before the clock starts (default 10)")
     parser.add_argument("--batch", type=int, default=32, help="batch size of reference, ours and bare step (default 32, the manual's)")
     parser.add_argument("--best-batch", type=int, default=256, help="batch size of the best-settings rows (default 256)")
-    parser.add_argument("--best-steps", type=int, default=None, help="timed steps at --best-batch (default: as many images as --steps at --batch, at least 10)")
+    parser.add_argument(
+        "--best-steps", type=int, default=None, help="timed steps at --best-batch (default: as many images as --steps at --batch, at least 10)"
+    )
     parser.add_argument("--data", choices=("folder", "fake"), default="folder", help="folder: the ImageFolder tree at --root; fake: synthetic")
-    parser.add_argument("--root", type=Path, default=Path("../shared/data/cifar10-jpeg"), help="ImageFolder tree, relative to the cwd (default ../shared/data/cifar10-jpeg)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="paths.data_dir, where data=folder caches decoded images (default: the config's, data/ in the cwd)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("../shared/data/cifar10-jpeg"),
+        help="ImageFolder tree, relative to the cwd (default ../shared/data/cifar10-jpeg)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="paths.data_dir, where data=folder caches decoded images (default: the config's, data/ in the cwd)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's); on a shared CPU, fewer threads than free cores avoids OpenMP stalls"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's); on a shared CPU, fewer threads than free cores avoids OpenMP stalls",
     )
     parser.add_argument("--skip", nargs="+", choices=VARIANTS, default=[], help="variants to leave out")
     args = parser.parse_args()

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-
 from throughput import device_name, now  # the sibling script: same clock and device name
+
 from vit import manual
 from vit.cli import quiet_known_noise
 from vit.run import evaluate_checkpoint
@@ -85,7 +85,14 @@ def manual_projection(args: argparse.Namespace) -> dict[str, float]:
         f"{manual.NUM_EPOCHS} epochs = {total:.0f} s projected",
         flush=True,
     )
-    return {"folder": args.data == "folder", "setup_s": setup_s, "epoch_s": epoch_s, "test_s": test_s, "total_s": total, "images_per_s": manual.BATCH_SIZE / step_s}
+    return {
+        "folder": args.data == "folder",
+        "setup_s": setup_s,
+        "epoch_s": epoch_s,
+        "test_s": test_s,
+        "total_s": total,
+        "images_per_s": manual.BATCH_SIZE / step_s,
+    }
 
 
 def warm_cache(args: argparse.Namespace) -> None:
@@ -167,13 +174,30 @@ def plot(path: Path, curve: list[tuple[int, float, float]], ours: dict, referenc
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
     minutes = [s / 60 for _, s, _ in curve]
     ax.plot(minutes, [100 * a for _, _, a in curve], "o-", color="tab:blue", label="ours: test accuracy after each epoch")
-    ax.plot([ours["total_s"] / 60], [100 * ours["accuracy"]], "*", color="tab:blue", markersize=14, label=f"ours: printed test accuracy, {ours['total_s']:.0f} s")
+    ax.plot(
+        [ours["total_s"] / 60],
+        [100 * ours["accuracy"]],
+        "*",
+        color="tab:blue",
+        markersize=14,
+        label=f"ours: printed test accuracy, {ours['total_s']:.0f} s",
+    )
     if reference is not None:
         x = reference["total_s"] / 60
         ax.plot([x], [100 * MANUAL_PRINTED], "s", color="tab:red", markersize=9, label=f"manual's recipe: 67.09% as printed, {x:.0f} min (projected)")
         if reference.get("folder"):
-            ax.plot([x], [100 * MANUAL_ON_JPEG], "s", color="tab:red", fillstyle="none", markersize=9, label="manual's recipe on the JPEG copy: 64.89% (run once here)")
-        ax.annotate("20 epochs of the\nmanual's loop", (x, 100 * MANUAL_PRINTED), textcoords="offset points", xytext=(-10, -40), ha="right", color="tab:red")
+            ax.plot(
+                [x],
+                [100 * MANUAL_ON_JPEG],
+                "s",
+                color="tab:red",
+                fillstyle="none",
+                markersize=9,
+                label="manual's recipe on the JPEG copy: 64.89% (run once here)",
+            )
+        ax.annotate(
+            "20 epochs of the\nmanual's loop", (x, 100 * MANUAL_PRINTED), textcoords="offset points", xytext=(-10, -40), ha="right", color="tab:red"
+        )
     ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
     ax.text(0.01, 100 * target + 0.6, f"target {100 * target:.2f}%", color="gray", transform=ax.get_yaxis_transform())
     ax.set_xscale("log")
@@ -195,7 +219,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=MANUAL_PRINTED, help="test accuracy to reach (default: the manual's 67.09%%)")
     parser.add_argument("--data", choices=("folder", "fake"), default="folder")
     parser.add_argument("--root", type=Path, default=Path("../shared/data/cifar10-jpeg"))
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data", help="paths.data_dir, where data=folder caches decoded images (default: data/)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=ROOT / "data", help="paths.data_dir, where data=folder caches decoded images (default: data/)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--ours", nargs="*", default=["experiment=fast"], help="train.py overrides of our run (default: %(default)s)")
     parser.add_argument("--manual-steps", type=int, default=200, help="timed training steps of the manual's loop (default 200)")
@@ -209,7 +235,9 @@ def main() -> None:
         parser.error(f"--root {args.root} has no train/ folder: give the ImageFolder copy of CIFAR-10, or --data fake")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     quiet_known_noise()  # as train.py does
-    print(f"device: {device_name(args.device)}; target {100 * args.target:.2f}% test accuracy; data {args.data}; torch {torch.__version__}", flush=True)
+    print(
+        f"device: {device_name(args.device)}; target {100 * args.target:.2f}% test accuracy; data {args.data}; torch {torch.__version__}", flush=True
+    )
     warm_cache(args)
     reference = None if args.skip_manual else manual_projection(args)
     with tempfile.TemporaryDirectory(prefix="vit-tta-") as tmp:
@@ -219,15 +247,19 @@ def main() -> None:
     hit = next(((e, s) for e, s, a in curve if a >= args.target), None)
     reached = ours["accuracy"] >= args.target
     print()
-    print(f"| side | epochs | time | test accuracy | time vs the manual's |")
-    print(f"|---|---|---|---|---|")
+    print("| side | epochs | time | test accuracy | time vs the manual's |")
+    print("|---|---|---|---|---|")
     if reference is not None:
-        print(f"| manual's recipe (projected from {args.manual_steps} steps) | {manual.NUM_EPOCHS} | {reference['total_s']:.0f} s | 67.09% (as printed) | 1 |")
+        print(
+            f"| manual's recipe (projected from {args.manual_steps} steps) | {manual.NUM_EPOCHS} | {reference['total_s']:.0f} s | 67.09% (as printed) | 1 |"
+        )
     ratio = f"1/{reference['total_s'] / ours['total_s']:.1f}" if reference is not None else "-"
     print(f"| ours: {' '.join(args.ours)} | {len(curve)} | {ours['total_s']:.0f} s | {100 * ours['accuracy']:.2f}% | {ratio} |")
     print()
-    print(f"ours {'reached' if reached else 'did NOT reach'} {100 * args.target:.2f}% at the end of the run"
-          + (f"; first epoch at or above it: {hit[0]} (checkpoint at {hit[1]:.0f} s)" if hit else ""))
+    print(
+        f"ours {'reached' if reached else 'did NOT reach'} {100 * args.target:.2f}% at the end of the run"
+        + (f"; first epoch at or above it: {hit[0]} (checkpoint at {hit[1]:.0f} s)" if hit else "")
+    )
     if args.png is not None:
         plot(args.png, curve, ours, reference, args.target, f"Time to {100 * args.target:.2f}% on {device_name(args.device)}")
 

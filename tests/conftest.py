@@ -61,9 +61,7 @@ def make_cfg(tmp_path):
 
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 32, suffix: str = ".png") -> Path:

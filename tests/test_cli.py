@@ -128,7 +128,9 @@ def test_known_noise_is_filtered_and_real_messages_stay(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli.quiet_known_noise()
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.", FutureWarning)
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.", FutureWarning
+        )
         warnings.warn("The number of training batches (6) is smaller than the logging interval Trainer(log_every_n_steps=50).", UserWarning)
         warnings.warn("a real warning", UserWarning)
     assert [str(w.message) for w in caught] == ["a real warning"]

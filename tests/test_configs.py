@@ -94,7 +94,14 @@ def test_logger_and_callbacks_instantiate(make_cfg):
     loggers = [instantiate(node) for node in cfg.logger.values()]
     callbacks = [instantiate(node) for node in cfg.callbacks.values()]
     assert type(loggers[0]).__name__ == "TensorBoardLogger"
-    assert {type(c).__name__ for c in callbacks} == {"RunCheckpoint", "LearningRateMonitor", "StopOnNonFiniteLoss", "RngState", "LogTestFigures", "RunStats"}
+    assert {type(c).__name__ for c in callbacks} == {
+        "RunCheckpoint",
+        "LearningRateMonitor",
+        "StopOnNonFiniteLoss",
+        "RngState",
+        "LogTestFigures",
+        "RunStats",
+    }
     assert "=" not in cfg.callbacks.model_checkpoint.filename
 
 

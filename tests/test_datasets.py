@@ -42,8 +42,13 @@ def write_cifar100(data_dir: Path, monkeypatch, n_train: int = 120, n_test: int 
         fine = np.arange(n) % 100
         coarse = (fine + 7) % 20  # never what a test expects
         with open(folder / name, "wb") as f:
-            batch = {"batch_label": name, "filenames": [f"{i}.png" for i in range(n)], "fine_labels": fine.tolist(),
-                     "coarse_labels": coarse.tolist(), "data": images.reshape(n, -1)}  # rows: 1024 red, green, blue
+            batch = {
+                "batch_label": name,
+                "filenames": [f"{i}.png" for i in range(n)],
+                "fine_labels": fine.tolist(),
+                "coarse_labels": coarse.tolist(),
+                "data": images.reshape(n, -1),
+            }  # rows: 1024 red, green, blue
             pickle.dump(batch, f, protocol=2)
         written.update({img.tobytes(): int(label) for img, label in zip(images, fine)})
     with open(folder / "meta", "wb") as f:

@@ -7,9 +7,9 @@ from torch import nn
 
 from tests.conftest import CONF
 from vit import augment
-from vit.module import ClassifierModule
 from vit.errors import ConfigError
 from vit.model import ViT
+from vit.module import ClassifierModule
 from vit.run import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "assignment")

@@ -147,7 +147,7 @@ RESUMABLE = [*TINY, "data.train_size=512", "trainer.max_epochs=4", "data.augment
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(make_cfg, tmp_path):
     """kill -9 in the middle of epoch 2, resume from last.ckpt: the same metrics.json as a run never killed."""
-    uninterrupted = run.train(make_cfg(RESUMABLE[len(TINY):], run="full"))
+    uninterrupted = run.train(make_cfg(RESUMABLE[len(TINY) :], run="full"))
     killed = tmp_path / "killed"
     steps_per_epoch = (512 - 64) // 32
     result = run_script(
@@ -197,7 +197,10 @@ def test_ckpt_path_last_finds_the_newest_run_with_this_config(make_cfg):
     run.train(first)
     (Path(first.paths.output_dir) / ".hydra").mkdir()
     (Path(first.paths.output_dir) / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(first))
-    assert checkpoints.latest_resume_point(make_cfg(["trainer.max_epochs=1", "ckpt_path=last"], run="second")) == Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert (
+        checkpoints.latest_resume_point(make_cfg(["trainer.max_epochs=1", "ckpt_path=last"], run="second"))
+        == Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    )
     with pytest.raises(run.ConfigError, match="ckpt_path=last: no earlier run"):
         checkpoints.latest_resume_point(make_cfg(["trainer.max_epochs=1", "optim.lr=0.01", "ckpt_path=last"], run="third"))
 

@@ -105,7 +105,11 @@ HPARAMS_METRICS = {"hparams/best_val_acc": "val/acc", "hparams/test_acc": "test/
 @pytest.mark.slow
 def test_tensorboard_keeps_every_point_of_every_curve(design_card_sweep):
     """Read as TensorBoard reads it (its loader, default settings): a step going back would drop the points after it."""
-    (job,) = [j for j in report.job_dirs(design_card_sweep) if report.job_row(j)["max_epochs"] == 3 and report.job_row(j)["lr"] == 1e-3 and report.job_row(j)["batch_size"] == 32]
+    (job,) = [
+        j
+        for j in report.job_dirs(design_card_sweep)
+        if report.job_row(j)["max_epochs"] == 3 and report.job_row(j)["lr"] == 1e-3 and report.job_row(j)["batch_size"] == 32
+    ]
     events = EventAccumulator(str(job / "tensorboard"))
     events.Reload()
     for tag in ("val/acc", "val/loss", "train/acc", "train/loss_epoch"):
@@ -166,7 +170,17 @@ def test_summary_plot_has_epoch_ticks_and_shows_one_epoch_jobs():
     rows = [
         {"job": str(i), "max_epochs": 1, "batch_size": 32, "lr": 1e-3, "status": "ok", "test_acc": 0.5, "history": [{"epoch": 0, "val/acc": 0.4}]}
         for i in range(3)
-    ] + [{"job": "3", "max_epochs": 3, "batch_size": 32, "lr": 1e-4, "status": "ok", "test_acc": 0.6, "history": [{"epoch": e, "val/acc": 0.5} for e in range(3)]}]
+    ] + [
+        {
+            "job": "3",
+            "max_epochs": 3,
+            "batch_size": 32,
+            "lr": 1e-4,
+            "status": "ok",
+            "test_acc": 0.6,
+            "history": [{"epoch": e, "val/acc": 0.5} for e in range(3)],
+        }
+    ]
     fig = report.figure(rows, [], "sweep")
     curves = fig.axes[1]
     fig.canvas.draw()

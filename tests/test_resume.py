@@ -27,7 +27,7 @@ def history(run_dir: Path) -> list[dict]:
 def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupted(make_cfg, tmp_path):
     """SIGINT after batch 5 of epoch 1, resume from interrupted.ckpt: the same metrics, curve and weights as a run never stopped."""
     overrides = [*RESUMABLE, "trainer.max_epochs=2"]
-    full = make_cfg(overrides[len(TINY):], run="full")
+    full = make_cfg(overrides[len(TINY) :], run="full")
     uninterrupted = run.train(full)
     stopped = tmp_path / "stopped"
     steps_per_epoch = (512 - 64) // 32
@@ -42,7 +42,7 @@ def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupte
     )
     interrupted = stopped / "checkpoints" / callbacks.INTERRUPTED
     assert result.returncode != 0 and interrupted.exists(), result.stderr[-2000:]
-    resumed = make_cfg([*overrides[len(TINY):], f"ckpt_path={interrupted}"], run="resumed")
+    resumed = make_cfg([*overrides[len(TINY) :], f"ckpt_path={interrupted}"], run="resumed")
     assert run.train(resumed) == uninterrupted
     assert history(Path(resumed.paths.output_dir)) == history(Path(full.paths.output_dir))  # train/acc of epoch 1 included
     weights = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for c in (full, resumed)]
@@ -108,12 +108,20 @@ def test_resuming_with_other_settings_is_one_line_naming_them(make_cfg, capsys, 
 
 def test_more_epochs_resume_without_a_schedule_but_not_with_one(make_cfg, capsys, trained_run, cosine_run):
     cfg = make_cfg(
-        [f"ckpt_path={cosine_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "scheduler=cosine"], run="cosine2"
+        [f"ckpt_path={cosine_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "scheduler=cosine"],
+        run="cosine2",
     )
     assert "trainer.max_epochs=1" in one_line_error(run.train, cfg, capsys)
     # Without a schedule: more epochs, written elsewhere and shown otherwise, is the legitimate case.
     cfg = make_cfg(
-        [f"ckpt_path={trained_run}", "trainer.max_epochs=2", "trainer.enable_progress_bar=true", "trainer.limit_test_batches=1", "trainer.log_every_n_steps=3"], run="longer"
+        [
+            f"ckpt_path={trained_run}",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=true",
+            "trainer.limit_test_batches=1",
+            "trainer.log_every_n_steps=3",
+        ],
+        run="longer",
     )
     assert run.train(cfg)["epochs"] == 2
 
@@ -153,7 +161,9 @@ def test_a_resumed_run_dir_tests_the_checkpoint_its_run_json_names(tmp_path, tra
 def test_testing_on_other_data_keeps_the_checkpoints_preprocessing(make_cfg, trained_run):
     data = ["data=fake", "data.test_size=64", "data.eval_batch_size=64"]
     own = run.test(make_cfg([f"ckpt={trained_run}", *data], name="test", run="own"))
-    other = run.test(make_cfg([f"ckpt={trained_run}", *data, "data.mean=[0.1,0.2,0.3]", "data.std=[0.9,0.9,0.9]", "data.image_size=16"], name="test", run="other"))
+    other = run.test(
+        make_cfg([f"ckpt={trained_run}", *data, "data.mean=[0.1,0.2,0.3]", "data.std=[0.9,0.9,0.9]", "data.image_size=16"], name="test", run="other")
+    )
     assert own["test/acc"] == json.loads((trained_run / "metrics.json").read_text())["test/acc"]
     assert other["test/acc"] == own["test/acc"] and other["test/loss"] == pytest.approx(own["test/loss"], abs=1e-6)
 

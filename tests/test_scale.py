@@ -90,7 +90,15 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_synced_results(tmp_path, mak
     run_dir = tmp_path / "ddp"
     probe = ["data.augment=true", "+callbacks.probe._target_=tests.faults.SaveAugmentation", f"+callbacks.probe.out_dir={tmp_path}"]
     result = run_script(
-        "train.py", *TINY, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", "data.val_size=129", "data.test_size=129", *probe, f"hydra.run.dir={run_dir}"
+        "train.py",
+        *TINY,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
+        "data.val_size=129",
+        "data.test_size=129",
+        *probe,
+        f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -120,7 +128,15 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_synced_results(tmp_path, mak
 @pytest.mark.slow
 def test_test_py_under_ddp_writes_metrics_from_rank_0_only(tmp_path, trained_run):
     run_dir = tmp_path / "test_ddp"
-    result = run_script("test.py", f"ckpt={trained_run}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    result = run_script(
+        "test.py",
+        f"ckpt={trained_run}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr
     assert "Metrics written" in (run_dir / "test.log").read_text()
@@ -163,7 +179,16 @@ def test_ddp_preset_and_the_trainer_defaults(make_cfg):
 
 @pytest.mark.slow
 def test_joblib_runs_four_jobs_on_two_workers_and_the_report_has_them_all(tmp_path):
-    result = run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,2e-3", "data.batch_size=32,64", *SMALL, f"hydra.sweep.dir={tmp_path}")
+    result = run_script(
+        "train.py",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "optim.lr=1e-3,2e-3",
+        "data.batch_size=32,64",
+        *SMALL,
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     rows = read_csv(tmp_path / "summary.csv")
@@ -235,7 +260,9 @@ def test_optuna_search_with_sqlite_storage_resumes(tmp_path):
     for sweep in ("first", "second"):
         result = run_script("train.py", *command, f"hydra.sweep.dir={tmp_path / sweep}")
         assert result.returncode == 0, result.stderr[-3000:]
-        values = [json.loads((tmp_path / sweep / r["job"] / "metrics.json").read_text())["val/acc"] for r in read_csv(tmp_path / sweep / "summary.csv")]
+        values = [
+            json.loads((tmp_path / sweep / r["job"] / "metrics.json").read_text())["val/acc"] for r in read_csv(tmp_path / sweep / "summary.csv")
+        ]
         assert len(values) == 2
     study = optuna.load_study(study_name="vit", storage=storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4  # the second run added 2 trials to the first 2
@@ -260,4 +287,6 @@ def test_a_preset_without_its_plugin_is_one_line_naming_the_extra(monkeypatch, c
     with pytest.raises(SystemExit) as info:
         cli.require_plugins(["data=fake", "hydra/launcher=joblib"])
     assert info.value.code == 1
-    assert capsys.readouterr().err.strip().splitlines() == ['Error: hydra/launcher=joblib needs the Hydra plugin hydra-joblib-launcher: pip install -e ".[scale]"']
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'Error: hydra/launcher=joblib needs the Hydra plugin hydra-joblib-launcher: pip install -e ".[scale]"'
+    ]

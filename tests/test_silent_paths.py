@@ -146,8 +146,16 @@ NOT_THE_MANUALS_VIT = [o for o in TINY if not o.startswith("model.")]
 
 
 def test_train_sizes_train_a_cnn_which_takes_any_size(make_cfg):
-    cnn = [*NOT_THE_MANUALS_VIT, "model=timm", "model.name=resnet10t", "data.train_sizes=[16,32]", "trainer.max_epochs=2", "trainer.limit_train_batches=1",
-           "trainer.limit_val_batches=1", "test=false"]
+    cnn = [
+        *NOT_THE_MANUALS_VIT,
+        "model=timm",
+        "model.name=resnet10t",
+        "data.train_sizes=[16,32]",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "test=false",
+    ]
     assert run.train(make_cfg(cnn, tiny=False))["epochs"] == 2
 
 

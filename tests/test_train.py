@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import make_image_folder, run_script
+from vit import run
 from vit.cli import run_reporting_errors
 from vit.errors import ConfigError
-from vit import run
 from vit.run import train
 
 

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY, run_script
-from vit import predict, report
+from vit import predict, report, run
 from vit.builders import evaluation_module
 from vit.cli import run_reporting_errors
 from vit.errors import ConfigError
-from vit import run
 from vit.run import build_net, train
 from vit.zoo import ResNet18CIFAR, TimmNet
 
@@ -132,8 +131,17 @@ def test_fine_tuning_from_a_local_weights_file(make_cfg, tmp_path):
     weights = tmp_path / "vit_tiny.pth"
     torch.save(source.model.state_dict(), weights)
 
-    net = build_net({"_target_": "vit.zoo.TimmNet", "name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4,
-                     "kwargs": {"depth": 1}, "pretrained_file": str(weights)}, 10)
+    net = build_net(
+        {
+            "_target_": "vit.zoo.TimmNet",
+            "name": "vit_tiny_patch16_224",
+            "img_size": 32,
+            "patch_size": 4,
+            "kwargs": {"depth": 1},
+            "pretrained_file": str(weights),
+        },
+        10,
+    )
     loaded, original = net.model.state_dict(), source.model.state_dict()
     assert all(torch.equal(loaded[k], original[k]) for k in original if not k.startswith("head."))
     assert net.model.head.weight.shape == (10, 192)  # a new head for the data's 10 classes

@@ -19,7 +19,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # TrivialAugment (Müller and Hutter, 2021): one op per image, uniformly chosen, at a uniform random strength.
-OPS = ("identity", "brightness", "contrast", "saturation", "solarize", "posterize", "autocontrast", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+OPS = (
+    "identity",
+    "brightness",
+    "contrast",
+    "saturation",
+    "solarize",
+    "posterize",
+    "autocontrast",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
 MAX_ROTATE_DEG, MAX_SHEAR, MAX_TRANSLATE, MAX_FACTOR = 30.0, 0.3, 0.25, 0.9
 
 
@@ -96,7 +109,9 @@ def batch_generator(seed: int, rank: int, epoch: int, batch: int, device: torch.
     return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
 
 
-def mix(x: Tensor, y: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, float]:
+def mix(
+    x: Tensor, y: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, float]:
     """Mixup or CutMix (one of them per batch when both are on) with a shuffled copy of the batch.
 
     Draws on the CPU from ``generator`` (default: torch's global CPU RNG).

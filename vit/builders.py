@@ -141,7 +141,7 @@ def build_loggers(cfg: DictConfig, run_name: str | None = None) -> list[Any]:
             loggers.append(instantiate(node, f"logger.{name}", **trackers.naming(node, name, run_name)))
         except InstantiationException as e:
             if isinstance(e.__cause__, ImportError):
-                raise ConfigError(f"logger={name} needs its tracker ({first_line(e.__cause__)}): pip install -e \".[trackers]\"") from None
+                raise ConfigError(f'logger={name} needs its tracker ({first_line(e.__cause__)}): pip install -e ".[trackers]"') from None
             raise
     return loggers
 
@@ -150,8 +150,13 @@ def build_trainer(cfg: DictConfig, callbacks: list, run_name: str | None = None,
     """The configured Trainer, writing its checkpoints atomically (``checkpoints.AtomicCheckpointIO``);
     ``run_name``: see ``build_loggers``."""
     trainer = instantiate(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=build_loggers(cfg, run_name) or False,
-        precision=resolve_precision(cfg.trainer), plugins=[checkpoints.AtomicCheckpointIO()], **overrides,
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=build_loggers(cfg, run_name) or False,
+        precision=resolve_precision(cfg.trainer),
+        plugins=[checkpoints.AtomicCheckpointIO()],
+        **overrides,
     )
     parallel.check_no_relaunch_in_sweep(trainer)
     return trainer

@@ -10,8 +10,9 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -29,7 +30,15 @@ STORED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed")
 # The trainer settings that change what is trained, stored with the run config so a resume can compare them.
 TRAINED_TRAINER_KEYS = ("max_epochs", "accumulate_grad_batches", "gradient_clip_val", "limit_train_batches")
 # Stored keys that may differ on resume: where data is read from or how it is handled, and evaluation-only settings.
-MAY_DIFFER_ON_RESUME = ("model.compile", "data.data_dir", "data.root", "data.eval_batch_size", "data.device_resident", "module.tta_flip", "module.tta_shift")
+MAY_DIFFER_ON_RESUME = (
+    "model.compile",
+    "data.data_dir",
+    "data.root",
+    "data.eval_batch_size",
+    "data.device_resident",
+    "module.tta_flip",
+    "module.tta_shift",
+)
 
 
 def stored_config(cfg: DictConfig, classes: Sequence[str]) -> dict[str, Any]:
@@ -162,7 +171,9 @@ def latest_resume_point(cfg: DictConfig) -> Path:
 def _trained_settings(config: DictConfig) -> dict[str, Any]:
     """A run config's stored sections as written (interpolations unresolved: a ``.hydra/config.yaml`` cannot resolve
     Hydra's own), for comparing two run configs with each other."""
-    settings = {k: OmegaConf.to_container(config[k], resolve=False) if OmegaConf.is_config(config[k]) else config[k] for k in STORED_KEYS if k in config}
+    settings = {
+        k: OmegaConf.to_container(config[k], resolve=False) if OmegaConf.is_config(config[k]) else config[k] for k in STORED_KEYS if k in config
+    }
     settings["trainer"] = {k: config.trainer.get(k) for k in TRAINED_TRAINER_KEYS}
     return settings
 
@@ -183,7 +194,9 @@ def settings_that_differ(trained: dict, now: dict) -> list[str]:
         if section not in trained:  # a checkpoint from before this section was stored
             continue
         old, new = trained[section], now.get(section)
-        before, after = (flat(old, section), flat(new, section)) if isinstance(old, dict) and isinstance(new, dict) else ({section: old}, {section: new})
+        before, after = (
+            (flat(old, section), flat(new, section)) if isinstance(old, dict) and isinstance(new, dict) else ({section: old}, {section: new})
+        )
         for key in sorted(set(before) | set(after)):
             if key not in may_differ and before.get(key) != after.get(key):
                 differ.append(f"{key}={before.get(key, '<unset>')}")

@@ -9,8 +9,9 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -112,7 +113,19 @@ def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> N
 
 # Hydra's flags that take a value, and those that load another config or none (then Hydra alone checks).
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p"}
-OTHER_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun", "--info", "-i", "--shell-completion", "-sc"}
+OTHER_CONFIG_FLAGS = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None:
@@ -129,7 +142,9 @@ def check_overrides(config_dir: Path, config_name: str, args: list[str]) -> None
         try:
             parsed += parser.parse_overrides([arg])
         except OverrideParseException as e:
-            raise ConfigError(f"cannot read the override {arg}: {first_line(e)} (see https://hydra.cc/docs/advanced/override_grammar/basic)") from None
+            raise ConfigError(
+                f"cannot read the override {arg}: {first_line(e)} (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+            ) from None
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         groups = _group_overrides(parsed)  # every value of a sweep: Hydra would refuse a bad one only when its job starts
         try:
@@ -197,7 +212,9 @@ def _explain_unknown_key(config_name: str, parsed: list[Override], groups: list[
             parent = o.key_or_group.rpartition(".")[0]
             options = GlobalHydra.instance().config_loader().get_group_options(parent) if parent else []
             if parent in keys and keys[parent] is None and options:  # scheduler.warmup_fraction=0.1 with scheduler=none
-                raise ConfigError(f"{o.key_or_group} is not a config key: {parent} is null here; choose it first ({parent}=<one of {', '.join(options)}>)")
+                raise ConfigError(
+                    f"{o.key_or_group} is not a config key: {parent} is null here; choose it first ({parent}=<one of {', '.join(options)}>)"
+                )
             raise ConfigError(_unknown_key(o.key_or_group, keys))
 
 

@@ -11,16 +11,17 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.error import URLError
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vit import loop_state
@@ -423,9 +424,7 @@ class FolderDataModule(ImageDataModule):
             if not names[split]:
                 raise ConfigError(f"{self.root / split} has no class folders: expected {self.root / split}/<class>/<image>")
         if names["train"] != names["test"]:
-            raise ConfigError(
-                f"class folders differ between {self.root / 'train'} {names['train']} and {self.root / 'test'} {names['test']}"
-            )
+            raise ConfigError(f"class folders differ between {self.root / 'train'} {names['train']} and {self.root / 'test'} {names['test']}")
         return tuple(names["train"])
 
     def _files(self, split: str) -> list[tuple[Path, int]]:
@@ -466,6 +465,7 @@ class FolderDataModule(ImageDataModule):
             stat = path.stat()
             digest.update(f"{path.name}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         return Path(self.data_dir) / "cache" / f"{split}-{digest.hexdigest()[:16]}.pt"
+
 
 class FakeDataModule(ImageDataModule):
     """Synthetic images of CIFAR-10's shape: each class is a smooth colour template plus noise, so it can be learnt.

@@ -8,12 +8,11 @@ import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
-
+import matplotlib.pyplot as plt
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 MAX_COUNTED_CLASSES = 20  # beyond this (CIFAR-100) the cells are too small to hold their counts
 
@@ -67,7 +66,9 @@ class LogTestFigures(Callback):
         self.confusion = MulticlassConfusionMatrix(len(trainer.datamodule.classes)).to(pl_module.device)
         self.samples = None
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         images, labels = batch
         self.confusion.update(outputs["preds"], labels)
         if self.samples is None:

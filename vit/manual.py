@@ -25,6 +25,7 @@ NUM_EPOCHS, BATCH_SIZE, LEARNING_RATE = 20, 32, 0.001
 # The manual's CIFAR-10 model: 607,946 parameters.
 CIFAR_MODEL = {"in_channels": 3, "patch_size": 4, "emb_size": 64, "img_size": 32, "depth": 12, "n_classes": 10}
 
+
 class PatchEmbedding(nn.Module):
     def __init__(self, in_channels: int = 3, patch_size: int = 16, emb_size: int = 768, img_size: int = 224):
         self.patch_size = patch_size
@@ -117,7 +118,9 @@ class ClassificationHead(nn.Sequential):
 
 
 class ViT(nn.Sequential):
-    def __init__(self, in_channels: int = 3, patch_size: int = 16, emb_size: int = 768, img_size: int = 224, depth: int = 12, n_classes: int = 1000, **kwargs):
+    def __init__(
+        self, in_channels: int = 3, patch_size: int = 16, emb_size: int = 768, img_size: int = 224, depth: int = 12, n_classes: int = 1000, **kwargs
+    ):
         super().__init__(
             PatchEmbedding(in_channels, patch_size, emb_size, img_size),
             TransformerEncoder(depth, emb_size=emb_size, **kwargs),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -109,7 +110,7 @@ class ClassifierModule(L.LightningModule):
             s = self.tta_shift
             padded = F.pad(x, (s, s, s, s), mode="reflect")
             h, w = x.shape[-2:]
-            views += [padded[..., : h, : w], padded[..., 2 * s :, 2 * s :]]  # moved down-right, up-left
+            views += [padded[..., :h, :w], padded[..., 2 * s :, 2 * s :]]  # moved down-right, up-left
         if self.tta_flip:
             views += [view.flip(-1) for view in views]  # the last axis is the width
         return views

@@ -35,7 +35,11 @@ def check_no_relaunch_in_sweep(trainer: L.Trainer) -> None:
         return
     strategy = trainer.strategy
     launcher = strategy.launcher
-    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1 and not strategy.cluster_environment.creates_processes_externally:
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes > 1
+        and not strategy.cluster_environment.creates_processes_externally
+    ):
         raise ConfigError(
             f"DDP on {launcher.num_processes} devices cannot run inside a -m sweep (Lightning would relaunch the whole sweep "
             "for every extra rank): run one job per GPU instead, hydra/launcher=joblib hydra.launcher.n_jobs=<GPUs> "
@@ -86,7 +90,13 @@ class OneGpuPerJob(Callback):
         claimed = claim_gpu(Path(config.hydra.sweep.dir) / ".gpus", len(gpus))
         if claimed is None:
             index = int(config.hydra.job.num) % len(gpus)
-            log.warning("More parallel jobs than the %d GPUs: job %s shares GPU %s (set hydra.launcher.n_jobs=%d)", len(gpus), config.hydra.job.num, gpus[index], len(gpus))
+            log.warning(
+                "More parallel jobs than the %d GPUs: job %s shares GPU %s (set hydra.launcher.n_jobs=%d)",
+                len(gpus),
+                config.hydra.job.num,
+                gpus[index],
+                len(gpus),
+            )
         else:
             OneGpuPerJob.lock, index = claimed
         OneGpuPerJob.gpu = os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index]

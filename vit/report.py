@@ -27,7 +27,21 @@ from vit.errors import first_line
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "max_epochs", "batch_size", "lr", "status", "val_acc", "test_acc", "test_loss", "epochs", "train_time_s", "images_per_s", "params", "ckpt"]
+COLUMNS = [
+    "job",
+    "max_epochs",
+    "batch_size",
+    "lr",
+    "status",
+    "val_acc",
+    "test_acc",
+    "test_loss",
+    "epochs",
+    "train_time_s",
+    "images_per_s",
+    "params",
+    "ckpt",
+]
 SWEPT_BY_COLUMNS = {"trainer.max_epochs", "data.batch_size", "optim.lr"}
 NO_RESULT = "failed: no result (interrupted, or still running)"
 
@@ -52,7 +66,9 @@ def _read_json(path: Path) -> dict[str, Any]:
             raise ValueError(f"a JSON {type(contents).__name__}, not an object")
         return contents
     except (OSError, ValueError) as e:
-        log.warning("%s is damaged (%s): the sweep report leaves out what it held; run job %s again to write it", path, first_line(e), path.parent.name)
+        log.warning(
+            "%s is damaged (%s): the sweep report leaves out what it held; run job %s again to write it", path, first_line(e), path.parent.name
+        )
         return {}
 
 
@@ -142,7 +158,12 @@ def write(rows: list[dict[str, Any]], extra: list[str], out_dir: Path, title: st
 
 
 def _label(row: dict[str, Any], extra: list[str]) -> str:
-    parts = [f"job {row['job']}", f"ep {row['max_epochs']}", f"bs {row['batch_size']}", f"lr {row['lr']:g}" if isinstance(row["lr"], float) else f"lr {row['lr']}"]
+    parts = [
+        f"job {row['job']}",
+        f"ep {row['max_epochs']}",
+        f"bs {row['batch_size']}",
+        f"lr {row['lr']:g}" if isinstance(row["lr"], float) else f"lr {row['lr']}",
+    ]
     return ", ".join(parts + [f"{k.rsplit('.', 1)[-1]} {row.get(k)}" for k in extra])
 
 
@@ -181,7 +202,9 @@ def figure(rows: list[dict[str, Any]], extra: list[str], title: str) -> Any:
         points = [(h["epoch"] + 1, 100 * h["val/acc"]) for h in row["history"] if "val/acc" in h]
         if len(points) == 1:
             marker = SINGLE_POINT_MARKERS[single % len(SINGLE_POINT_MARKERS)]
-            curves.plot(*zip(*points), marker=marker, markersize=9, markerfacecolor="none", markeredgewidth=1.5, linestyle="none", label=_label(row, extra))
+            curves.plot(
+                *zip(*points), marker=marker, markersize=9, markerfacecolor="none", markeredgewidth=1.5, linestyle="none", label=_label(row, extra)
+            )
             single += 1
         elif points:
             curves.plot(*zip(*points), marker="o", markersize=3, label=_label(row, extra))

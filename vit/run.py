@@ -83,7 +83,11 @@ def train(cfg: DictConfig) -> Metrics:
         accumulate = trainer.accumulate_grad_batches
         log.info(
             "%d processes: effective batch size %d (data.batch_size %d x %d processes x trainer.accumulate_grad_batches %d)",
-            trainer.world_size, datamodule.batch_size * trainer.world_size * accumulate, datamodule.batch_size, trainer.world_size, accumulate,
+            trainer.world_size,
+            datamodule.batch_size * trainer.world_size * accumulate,
+            datamodule.batch_size,
+            trainer.world_size,
+            accumulate,
         )
     ckpt_path = checkpoints.resume_from(cfg, module.hparams["config"])
     try:
@@ -146,6 +150,7 @@ def test(cfg: DictConfig) -> Metrics:
     if rank_zero_only.rank == 0:  # under DDP every rank has the same (synced) metrics; one writes them
         report_metrics(metrics, cfg.paths.output_dir)
     return metrics
+
 
 # What the model was trained to see: kept from the checkpoint when testing on other data.
 PREPROCESSING = ("mean", "std", "image_size")

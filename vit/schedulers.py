@@ -22,7 +22,9 @@ def warmup_cosine(
     if not 0 <= min_lr_ratio <= 1:
         raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if not math.isfinite(total_steps):
-        raise ConfigError("scheduler=cosine needs a known number of steps and trainer.max_epochs=-1 sets no limit: set trainer.max_epochs >= 1 or scheduler=none")
+        raise ConfigError(
+            "scheduler=cosine needs a known number of steps and trainer.max_epochs=-1 sets no limit: set trainer.max_epochs >= 1 or scheduler=none"
+        )
     total_steps = max(1, int(total_steps))
     warmup = warmup_steps if warmup_steps > 0 else int(warmup_fraction * total_steps)
 

@@ -8,8 +8,9 @@ import inspect
 import os
 import types
 import typing
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from hydra.utils import get_object
 

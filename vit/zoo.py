@@ -40,7 +40,9 @@ class TimmNet(nn.Module):
         kwargs: dict[str, Any] | None = None,
     ):
         if not timm.is_model(name):
-            raise ConfigError(f"model.name={name} is not a timm model: pick one of timm.list_models(), e.g. vit_tiny_patch16_224, resnet18, convnext_atto")
+            raise ConfigError(
+                f"model.name={name} is not a timm model: pick one of timm.list_models(), e.g. vit_tiny_patch16_224, resnet18, convnext_atto"
+            )
         if not isinstance(n_classes, int) or n_classes < 1:
             raise ConfigError(f"model.n_classes must be a positive integer, got {n_classes!r}")
         super().__init__()
