@@ -34,7 +34,7 @@ def plot(points: list[dict], path: Path, target: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 7), dpi=110)
     for point in points:
         here = point.get("machine") is None
         color = point.get("color", "tab:blue" if here else "tab:gray")
@@ -58,7 +58,7 @@ def plot(points: list[dict], path: Path, target: float) -> None:
     ax.set_ylabel("test accuracy on CIFAR-10 (%)")
     ax.set_title("Accuracy against CPU time: filled = this project's 2-core CPU, hollow = published, other machines", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7.5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7.5, frameon=False)  # below the axes: no point hidden
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

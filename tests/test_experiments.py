@@ -41,8 +41,15 @@ def test_presets_say_what_the_issue_asks(make_cfg):
     assert fast.data.train_sizes[-1] == fast.model.img_size and len(fast.data.train_sizes) == fast.trainer.max_epochs
     assert fast.model.dynamic_img_size and all(side % fast.model.patch_size == 0 for side in fast.data.train_sizes)
     best = make_cfg(["experiment=cifar_best"], tiny=False)
-    params = sum(p.numel() for p in ViT(**{k: v for k, v in best.model.items() if k not in ("_target_", "compile")} | {"n_classes": 10}).parameters())
-    assert 4_000_000 <= params <= 10_000_000 and best.model.patch_size == 4
+    assert 4_000_000 <= n_params(best) <= 10_000_000 and best.model.patch_size == 4
+    budget = make_cfg(["experiment=budget"], tiny=False)  # within the manual's budget: its parameters, its 20 epochs, all 50,000
+    assert n_params(budget) <= 610_000 and budget.trainer.max_epochs <= 20 and budget.data.val_size == 0
+    assert budget.data.train_sizes[-1] == budget.model.img_size and budget.model._target_ == "vit.model.ViT"
+
+
+def n_params(cfg) -> int:
+    options = {k: v for k, v in cfg.model.items() if k not in ("_target_", "compile")} | {"n_classes": 10}
+    return sum(p.numel() for p in ViT(**options).parameters())
 
 
 def test_assignment_preset_is_the_design_card_sweep(make_cfg):
