@@ -37,3 +37,11 @@ def test_frontier_draws_every_point_and_names_a_missing_field(tmp_path):
     data.write_text(json.dumps([{"label": "no time", "accuracy": 70.0}]))
     done = subprocess.run([sys.executable, "bench/frontier.py", "--data", str(data), "--png", str(png)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().endswith("point 0 lacks minutes, source (each point needs label, minutes, accuracy, source)")
+
+
+def test_run_curve_draws_a_finished_run_and_names_a_missing_one(tmp_path, trained_run):
+    png = tmp_path / "curve.png"
+    done = subprocess.run([sys.executable, "bench/run_curve.py", str(trained_run), "--png", str(png)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and png.stat().st_size > 10_000
+    done = subprocess.run([sys.executable, "bench/run_curve.py", str(tmp_path / "nothing"), "--png", str(png)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "no readable run.json" in done.stderr and "give a finished run dir" in done.stderr
