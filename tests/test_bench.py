@@ -43,5 +43,7 @@ def test_run_curve_draws_a_finished_run_and_names_a_missing_one(tmp_path, traine
     png = tmp_path / "curve.png"
     done = subprocess.run([sys.executable, "bench/run_curve.py", str(trained_run), "--png", str(png)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and png.stat().st_size > 10_000
-    done = subprocess.run([sys.executable, "bench/run_curve.py", str(tmp_path / "nothing"), "--png", str(png)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "bench/run_curve.py", str(tmp_path / "nothing"), "--png", str(png)], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 1 and "no readable run.json" in done.stderr and "give a finished run dir" in done.stderr
