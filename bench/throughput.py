@@ -202,16 +202,8 @@ def run_reference(args: argparse.Namespace, batch: int) -> Row:
     train_set, test_set = manual.datasets(args.root if args.data == "folder" else None, fake_sizes=(n_batches * batch, batch))
     recipe = manual.Recipe.set_up(train_set, test_set, device, batch_size=batch)
     reset_peak_memory(device)
-    clock: dict[int, float] = {}
     begin = now(device)
-
-    def before_step(i: int) -> bool:
-        if i in (args.warmup, args.warmup + timed_steps(args, batch)):
-            clock[i] = now(device)
-        return i < args.warmup + timed_steps(args, batch)
-
-    recipe.train_epoch(before_step)
-    start, end = clock.get(args.warmup), clock.get(args.warmup + timed_steps(args, batch))
+    start, end = recipe.time_slice(args.warmup, timed_steps(args, batch), lambda: now(device)) or (None, None)
     rate = batch * steps_per_s(start, end, timed_steps(args, batch), "reference")
     return Row("reference (manual's loop)", batch, rate, start - begin, peak_memory(device))
 

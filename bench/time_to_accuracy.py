@@ -62,18 +62,10 @@ def manual_projection(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     recipe = manual.Recipe.set_up(*manual.datasets(args.root if args.data == "folder" else None, fake_sizes=(50_000, 500)), device)
     setup_s = now(device) - start
-    clock: dict[int, float] = {}
-    last = args.manual_warmup + args.manual_steps
-
-    def before_step(i: int) -> bool:
-        if i in (args.manual_warmup, last):
-            clock[i] = now(device)
-        return i < last
-
-    recipe.train_epoch(before_step)
-    if last not in clock:
-        sys.exit(f"the manual's epoch has fewer than {last} steps: lower --manual-warmup/--manual-steps")
-    step_s = (clock[last] - clock[args.manual_warmup]) / args.manual_steps
+    readings = recipe.time_slice(args.manual_warmup, args.manual_steps, lambda: now(device))
+    if readings is None:
+        sys.exit(f"the manual's epoch has fewer than {args.manual_warmup + args.manual_steps} steps: lower --manual-warmup/--manual-steps")
+    step_s = (readings[1] - readings[0]) / args.manual_steps
     test_start = now(device)
     recipe.test()
     test_s = now(device) - test_start

@@ -230,3 +230,6 @@ def test_manual_recipe_trains_and_tests_the_manuals_own_model():
     assert seen == [0, 1, 2] and loss > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, recipe.model.parameters()))
     assert 0 <= recipe.test() <= 100
+    ticks = iter(range(100))
+    assert recipe.time_slice(1, 2, lambda: float(next(ticks))) == (0.0, 1.0)  # read before step 1 and before step 3
+    assert recipe.time_slice(3, 2, lambda: 0.0) is None  # 4 steps an epoch: too few

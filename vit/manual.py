@@ -190,6 +190,19 @@ class Recipe:
             steps += 1
         return running_loss / max(steps, 1)
 
+    def time_slice(self, warmup: int, steps: int, clock: Callable[[], float]) -> tuple[float, float] | None:
+        """Trains ``warmup`` untimed steps and ``steps`` timed ones, then stops: the clock's readings at the start and
+        the end of the timed steps, or None when the epoch is shorter. The benchmarks project the manual's time from it."""
+        readings: dict[int, float] = {}
+
+        def before_step(i: int) -> bool:
+            if i in (warmup, warmup + steps):
+                readings[i] = clock()
+            return i < warmup + steps
+
+        self.train_epoch(before_step)
+        return (readings[warmup], readings[warmup + steps]) if warmup + steps in readings else None
+
     def test(self) -> float:
         """The manual's test loop: accuracy on the test split, in percent."""
         self.model.eval()
