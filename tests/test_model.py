@@ -204,10 +204,24 @@ def test_conv_stem_keeps_the_token_grid_and_mixes_neighbouring_pixels():
     changed = (plain(moved) - plain(x)).abs().sum(-1)[0, 1:].view(8, 8) > 1e-6
     assert changed.sum() == 1
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
-    with pytest.raises(ValueError, match=r"patch_size=4 must be divisible by 2\*\*len\(stem_channels\)"):
+    with pytest.raises(ValueError, match=r"patch_size=4 must be divisible by the product of their strides \(8\)"):
         ViT(**{**SMALL, "patch_size": 4}, stem_channels=[8, 8, 8])
     with pytest.raises(ValueError, match="stem_channels must be positive integers"):
         ViT(**SMALL, stem_channels=[0])
+
+
+def test_stride_one_stem_conv_filters_at_full_resolution_on_the_same_grid():
+    model = ViT(**{**SMALL, "patch_size": 4}, stem_channels=[4, 8, 16], stem_strides=[1, 2, 2], dynamic_img_size=True).eval()
+    embedding = model[0]
+    assert [m.stride for m in embedding.projection if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (2, 2), (2, 2), (1, 1)]
+    assert embedding(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 8 * 8, 32)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    # three stride-2 convs would need patch 8; with the first at stride 1, patch 4 takes them
+    ViT(**{**SMALL, "patch_size": 4}, stem_channels=[8, 8, 8], stem_strides=[2, 1, 2])
+    with pytest.raises(ValueError, match=r"stem_strides must give a stride of 1 or 2 for each of the 2 stem_channels"):
+        ViT(**SMALL, stem_channels=[8, 8], stem_strides=[1])
+    with pytest.raises(ValueError, match=r"stem_strides must give a stride of 1 or 2"):
+        ViT(**SMALL, stem_channels=[8], stem_strides=[3])
 
 
 def test_empty_stem_is_the_manuals_embedding():

@@ -231,3 +231,14 @@ def test_a_checkpoint_write_that_dies_half_way_never_leaves_a_truncated_file(mak
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert path.read_bytes() == good and sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def test_an_option_added_since_the_checkpoint_at_its_default_does_not_block_resume():
+    from vit.checkpoints import settings_that_differ
+
+    trained = {"model": {"emb_size": 64, "stem_channels": []}, "optim": {"lr": 1e-3}}  # written before model.stem_strides existed
+    assert settings_that_differ(trained, {"model": {"emb_size": 64, "stem_channels": [], "stem_strides": []}, "optim": {"lr": 1e-3}}) == []
+    assert settings_that_differ(trained, {"model": {"emb_size": 64, "stem_channels": [], "stem_strides": [1]}, "optim": {"lr": 1e-3}}) == [
+        "model.stem_strides=<unset>"
+    ]
+    assert settings_that_differ(trained, {"model": {"emb_size": 128, "stem_channels": []}, "optim": {"lr": 1e-3}}) == ["model.emb_size=64"]

@@ -198,9 +198,15 @@ def settings_that_differ(trained: dict, now: dict) -> list[str]:
             (flat(old, section), flat(new, section)) if isinstance(old, dict) and isinstance(new, dict) else ({section: old}, {section: new})
         )
         for key in sorted(set(before) | set(after)):
-            if key not in may_differ and before.get(key) != after.get(key):
+            added_since = key not in before and _is_off(after.get(key))  # a newer option at its default: what the run trained with
+            if key not in may_differ and before.get(key) != after.get(key) and not added_since:
                 differ.append(f"{key}={before.get(key, '<unset>')}")
     return differ
+
+
+def _is_off(value: Any) -> bool:
+    """An option's "not used" value. New options default to it, so they keep the behaviour from before they existed."""
+    return value in (None, False, 0, "") or value in ([], {})
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -37,6 +37,9 @@ class PatchEmbedding(nn.Module):
     patch's pixels are mixed by small overlapping filters before they become a token; the projection
     then covers what is left of the patch (``patch_size / 2**len(stem_channels)``, 1x1 when nothing).
     Same tokens, same grid; small data sets learn faster with it. Empty (the manual's): one strided conv.
+    ``stem_strides``: each stem conv's stride, 1 or 2 (empty: 2 for each); a stride-1 conv filters at the
+    full resolution before the grid shrinks, for a few hundred parameters; ``patch_size`` must then be
+    divisible by the product of the strides.
     """
 
     def __init__(
@@ -48,8 +51,15 @@ class PatchEmbedding(nn.Module):
         pos_init: str = "randn",
         dynamic_img_size: bool = False,
         stem_channels: Sequence[int] = (),
+        stem_strides: Sequence[int] = (),
     ):
         stem_channels = list(stem_channels or ())
+        stem_strides = list(stem_strides or ()) or [2] * len(stem_channels)
+        _require(
+            len(stem_strides) == len(stem_channels) and all(s in (1, 2) for s in stem_strides),
+            f"stem_strides must give a stride of 1 or 2 for each of the {len(stem_channels)} stem_channels (or be empty: 2 each); got {stem_strides}",
+        )
+        reduction = math.prod(stem_strides)
         for name, value in (("in_channels", in_channels), ("patch_size", patch_size), ("emb_size", emb_size), ("img_size", img_size)):
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         _require(
@@ -57,9 +67,9 @@ class PatchEmbedding(nn.Module):
             f"img_size={img_size} is not divisible by patch_size={patch_size}: choose a patch_size that divides {img_size}",
         )
         _require(
-            all(isinstance(c, int) and c > 0 for c in stem_channels) and patch_size % 2 ** len(stem_channels) == 0,
-            f"stem_channels must be positive integers, one stride-2 conv each, so patch_size={patch_size} must be divisible "
-            f"by 2**len(stem_channels); got {stem_channels}",
+            all(isinstance(c, int) and c > 0 for c in stem_channels) and patch_size % reduction == 0,
+            f"stem_channels must be positive integers, one conv each, and patch_size={patch_size} must be divisible by the product "
+            f"of their strides ({reduction}); got stem_channels={stem_channels}, stem_strides={stem_strides}",
         )
         _require(pos_init in POS_INITS, f"pos_init must be one of {', '.join(POS_INITS)}, got {pos_init!r}")
         _require(pos_init != "sincos" or emb_size % 4 == 0, f"pos_init=sincos needs emb_size divisible by 4, got {emb_size}")
@@ -69,10 +79,10 @@ class PatchEmbedding(nn.Module):
         self.in_channels = in_channels
         self.dynamic_img_size = dynamic_img_size
         stem, channels = [], in_channels
-        for out in stem_channels:  # b c H W -> b out H/2 W/2
-            stem += [nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        for out, stride in zip(stem_channels, stem_strides):  # b c H W -> b out H/stride W/stride
+            stem += [nn.Conv2d(channels, out, kernel_size=3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             channels = out
-        rest = patch_size // 2 ** len(stem_channels)
+        rest = patch_size // reduction
         self.projection = nn.Sequential(
             *stem,
             nn.Conv2d(channels, emb_size, kernel_size=rest, stride=rest),
@@ -271,7 +281,7 @@ class ViT(nn.Sequential):
     Extra kwargs reach every TransformerEncoderBlock: ``drop_p``, ``forward_expansion``,
     ``forward_drop_p``, and through it the attention's ``num_heads``, ``dropout``,
     ``seed_attention`` (the manual's attention formula) and ``fused``. ``pos_init``,
-    ``dynamic_img_size`` and ``stem_channels`` go to the PatchEmbedding, ``pool`` to the ClassificationHead; their
+    ``dynamic_img_size``, ``stem_channels`` and ``stem_strides`` go to the PatchEmbedding, ``pool`` to the ClassificationHead; their
     defaults are the manual's model.
     """
 
@@ -287,11 +297,19 @@ class ViT(nn.Sequential):
         pos_init: str = "randn",
         dynamic_img_size: bool = False,
         stem_channels: Sequence[int] = (),
+        stem_strides: Sequence[int] = (),
         **kwargs,
     ):
         super().__init__(
             PatchEmbedding(
-                in_channels, patch_size, emb_size, img_size, pos_init=pos_init, dynamic_img_size=dynamic_img_size, stem_channels=stem_channels
+                in_channels,
+                patch_size,
+                emb_size,
+                img_size,
+                pos_init=pos_init,
+                dynamic_img_size=dynamic_img_size,
+                stem_channels=stem_channels,
+                stem_strides=stem_strides,
             ),
             TransformerEncoder(depth, emb_size=emb_size, **kwargs),
             ClassificationHead(emb_size, n_classes, pool=pool),

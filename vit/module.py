@@ -21,6 +21,11 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 TRAIN_METRICS = ("train_acc", "train_loss")
 
 
+def _takes_names(factory: OptimizerFactory) -> bool:
+    """Whether the optimizer wants (name, parameter) pairs (``vit.optim.MuonAdamW`` tells tables from matrices by name)."""
+    return getattr(getattr(factory, "func", factory), "takes_named_parameters", False)
+
+
 class ClassifierModule(L.LightningModule):
     """Wraps ``net`` ((b, c, h, w) -> (b, n_classes) logits) for training, validation and test.
 
@@ -172,7 +177,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise RuntimeError("this module was built for evaluation only (no optimizer)")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.named_parameters() if _takes_names(self.optimizer_factory) else self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
