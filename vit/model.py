@@ -35,7 +35,7 @@ class PatchEmbedding(nn.Module):
     ``stem_channels``: a convolutional stem before the projection (Xiao et al. 2021, "Early convolutions
     help transformers see better"): one 3x3 stride-2 convolution, BatchNorm and ReLU per entry, so a
     patch's pixels are mixed by small overlapping filters before they become a token; the projection
-    then covers what is left of the patch (``patch_size / 2**len(stem_channels)``, 1x1 when nothing).
+    then covers what is left of the patch (``patch_size`` over the product of ``stem_strides``, 1x1 when nothing).
     Same tokens, same grid; small data sets learn faster with it. Empty (the manual's): one strided conv.
     ``stem_strides``: each stem conv's stride, 1 or 2 (empty: 2 for each); a stride-1 conv filters at the
     full resolution before the grid shrinks, for a few hundred parameters; ``patch_size`` must then be
