@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 import torch
@@ -192,6 +193,86 @@ def test_summary_plot_has_epoch_ticks_and_shows_one_epoch_jobs():
     # each 1-epoch job at the same point stays visible: its own marker shape, drawn open and larger than the curves' dots
     assert len({line.get_marker() for line in single}) == 3
     assert all(line.get_markersize() > lines[-1].get_markersize() and line.get_markerfacecolor() == "none" for line in single)
+    plt.close(fig)
+
+
+def fake_sweep(sweep: Path, jobs: list[tuple[float | None, float, list[dict]]]) -> Path:
+    """Job dirs as a finished sweep leaves them, one per (val_acc, test_acc, history), without training."""
+    for i, (val_acc, test_acc, history) in enumerate(jobs):
+        job = sweep / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        lr = 1e-3 * (i + 1)
+        val_size = 0 if val_acc is None else 200
+        (job / ".hydra" / "config.yaml").write_text(
+            f"trainer:\n  max_epochs: 2\ndata:\n  batch_size: 32\n  val_size: {val_size}\noptim:\n  lr: {lr}\n"
+        )
+        (job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- data.val_size={val_size}\n")
+        (job / "metrics.json").write_text(json.dumps({"val/acc": val_acc, "test/acc": test_acc, "test/loss": 1.0, "epochs": 2}))
+        (job / "run.json").write_text(json.dumps({"params": 10, "ckpt": str(job / "checkpoints" / "last.ckpt"), "history": history}))
+        (job / "job.json").write_text(json.dumps({"status": "ok"}))
+    return sweep
+
+
+def train_history(acc: float) -> list[dict]:
+    return [{"epoch": e, "train/loss_epoch": 2.0 - e, "train/acc": acc + 0.1 * e} for e in range(2)]
+
+
+def bar_colors(fig) -> list[tuple]:
+    """The left panel's bar colours, top bar first."""
+    return [bar.get_facecolor() for bar in fig.axes[0].patches][::-1]
+
+
+GREEN = matplotlib.colors.to_rgba("tab:green")
+
+
+def test_report_without_a_val_split_keeps_job_order_and_chooses_no_best(tmp_path):
+    """data.val_size=0: the test split must not rank the jobs nor pick a best, in the table or in the plot."""
+    sweep = fake_sweep(tmp_path / "sweep", [(None, 0.2, train_history(0.3)), (None, 0.6, train_history(0.5)), (None, 0.4, train_history(0.4))])
+    report.rebuild(sweep)
+    assert [r["job"] for r in read_csv(sweep / "summary.csv")] == ["0", "1", "2"]
+    md = (sweep / "summary.md").read_text()
+    assert "(best)" not in md and report.NO_VAL_NOTE in md.splitlines()
+    rows, extra = report.collect(sweep)
+    fig = report.figure(rows, extra, "sweep")
+    bars, curves = fig.axes
+    assert GREEN not in bar_colors(fig) and "best by val acc" not in bars.get_title() and "no best" in bars.get_title()
+    assert curves.get_ylabel() == "train accuracy (%)" and "train accuracy per epoch" in curves.get_title()
+    assert [list(line.get_ydata()) for line in curves.get_lines()] == [
+        pytest.approx([30, 40]),
+        pytest.approx([50, 60]),
+        pytest.approx([40, 50]),
+    ]
+    plt.close(fig)
+
+
+def test_report_ranks_by_val_acc_only(tmp_path):
+    """Equal val_acc keeps job order (test_acc never breaks the tie); a job without val_acc comes after, in job order, however high its test_acc."""
+    val_history = [{"epoch": 0, "val/acc": 0.5}]
+    sweep = fake_sweep(
+        tmp_path / "sweep", [(None, 0.9, train_history(0.9)), (0.5, 0.1, val_history), (0.5, 0.8, val_history), (0.7, 0.2, val_history)]
+    )
+    report.rebuild(sweep)
+    assert [r["job"] for r in read_csv(sweep / "summary.csv")] == ["3", "1", "2", "0"]
+    md = (sweep / "summary.md").read_text()
+    assert "**3 (best)**" in md and md.count("(best)") == 1
+    assert "Job 0 has no validation split (data.val_size=0): listed after the ranked jobs, in job order, not ranked." in md.splitlines()
+    rows, extra = report.collect(sweep)
+    fig = report.figure(rows, extra, "sweep")
+    assert bar_colors(fig)[0] == GREEN and bar_colors(fig).count(GREEN) == 1
+    assert "green: best by val acc" in fig.axes[0].get_title() and fig.axes[1].get_ylabel() == "val accuracy (%)"
+    assert len(fig.axes[1].get_lines()) == 3  # the val curves; job 0 has none
+    plt.close(fig)
+
+
+def test_summary_plot_without_per_epoch_data_says_so():
+    rows = [
+        {"job": str(i), "max_epochs": 1, "batch_size": 32, "lr": 1e-3, "status": "ok", "val_acc": None, "test_acc": 0.5, "history": []}
+        for i in range(2)
+    ]
+    fig = report.figure(rows, [], "sweep")
+    curves = fig.axes[1]
+    assert not curves.get_lines() and not curves.axison
+    assert any(text.get_text().startswith("no per-epoch curve") for text in curves.texts)
     plt.close(fig)
 
 

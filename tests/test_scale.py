@@ -274,11 +274,19 @@ def test_optuna_search_with_sqlite_storage_resumes(tmp_path):
 def test_objective_is_the_optimized_metric(make_cfg):
     metrics = {"val/acc": 0.5, "test/acc": 0.25, "test/loss": 1.5, "epochs": 3}
     assert cli.result_for_sweeper(lambda cfg: metrics, make_cfg()) == metrics
-    assert cli.result_for_sweeper(lambda cfg: metrics, make_cfg(["optimized_metric=test/loss"])) == 1.5
+    assert cli.result_for_sweeper(lambda cfg: metrics, make_cfg(["optimized_metric=val/acc"])) == 0.5
     with pytest.raises(ConfigError, match="optimized_metric=val/ac is not a metric"):
         cli.result_for_sweeper(lambda cfg: pytest.fail("trained"), make_cfg(["optimized_metric=val/ac"]))
     with pytest.raises(ConfigError, match="val/acc needs data.val_size > 0"):
         cli.result_for_sweeper(lambda cfg: {**metrics, "val/acc": None}, make_cfg(["optimized_metric=val/acc"]))
+
+
+@pytest.mark.parametrize("name", ["test/acc", "test/loss"])
+def test_a_search_on_the_test_split_is_refused(make_cfg, name):
+    """Choosing hyperparameters by a test figure would leave no unbiased test figure: refused before training, naming val/acc."""
+    with pytest.raises(ConfigError) as info:
+        cli.result_for_sweeper(lambda cfg: pytest.fail("trained"), make_cfg([f"optimized_metric={name}"]))
+    assert str(info.value) == f"optimized_metric={name} would choose on the test split: use val/acc (with data.val_size > 0)"
 
 
 def test_a_preset_without_its_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):

@@ -78,7 +78,7 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-OPTIMIZABLE = ("val/acc", "test/acc", "test/loss")
+OPTIMIZABLE = ("val/acc",)  # never a test/* metric: a search that selects on the test split would leave no unbiased test figure
 
 # A preset on the command line -> the module its Hydra plugin installs, and the plugin's package.
 PLUGINS = {
@@ -257,8 +257,10 @@ def result_for_sweeper(task: Callable[[DictConfig], dict], cfg: DictConfig) -> A
     A single run ends with its run dir and the command that tests it again, as the last lines a user can paste.
     """
     name = cfg.get("optimized_metric")
+    if name is not None and str(name).startswith("test/"):
+        raise ConfigError(f"optimized_metric={name} would choose on the test split: use val/acc (with data.val_size > 0)")
     if name is not None and name not in OPTIMIZABLE:
-        raise ConfigError(f"optimized_metric={name} is not a metric of a run: use one of {', '.join(OPTIMIZABLE)}")
+        raise ConfigError(f"optimized_metric={name} is not a metric of a run: use {' or '.join(OPTIMIZABLE)}")
     metrics = task(cfg)
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         run_dir = Path(cfg.paths.output_dir).resolve()
@@ -268,5 +270,5 @@ def result_for_sweeper(task: Callable[[DictConfig], dict], cfg: DictConfig) -> A
     if name is None:
         return metrics
     if metrics.get(name) is None:
-        raise ConfigError(f"optimized_metric={name} has no value in this run: val/acc needs data.val_size > 0, test/* needs test=true")
+        raise ConfigError(f"optimized_metric={name} has no value in this run: val/acc needs data.val_size > 0")
     return float(metrics[name])

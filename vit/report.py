@@ -1,4 +1,7 @@
-"""The sweep report (assignment step 5): one row per job, best first, as CSV, Markdown and a plot.
+"""The sweep report (assignment step 5): one row per job, best validation accuracy first, as CSV, Markdown and a plot.
+
+Jobs are ranked by validation accuracy only, never by a test figure: without a validation split
+(``data.val_size=0``) the rows stay in job order and no job is marked best.
 
 Each job leaves ``metrics.json`` and ``run.json`` in its dir; the Hydra callback ``SweepReport``
 adds ``job.json`` (ok / failed) when a job ends and rebuilds the report from all job dirs, so it is
@@ -44,6 +47,7 @@ COLUMNS = [
 ]
 SWEPT_BY_COLUMNS = {"trainer.max_epochs", "data.batch_size", "optim.lr"}
 NO_RESULT = "failed: no result (interrupted, or still running)"
+NO_VAL_NOTE = "No job has a validation split (data.val_size=0): rows in job order, no best chosen (the test split is never used to choose)."
 
 
 def job_dirs(sweep_dir: str | Path) -> list[Path]:
@@ -110,8 +114,8 @@ def job_row(job: Path) -> dict[str, Any]:
 
 
 def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows sorted best first (by val_acc, then test_acc; jobs without either last), and the extra columns:
-    every other override whose value differs between jobs."""
+    """Rows sorted best first by val_acc only (jobs without one last, in job order; never by a test figure), and the
+    extra columns: every other override whose value differs between jobs."""
     jobs = job_dirs(sweep_dir)
     rows = [job_row(job) for job in jobs]
     overrides = [_overrides(job) for job in jobs]
@@ -119,8 +123,26 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     extra = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
     for row, o in zip(rows, overrides):
         row.update({k: o.get(k) for k in extra})
-    rows.sort(key=lambda r: (r["val_acc"] is None and r["test_acc"] is None, -(r["val_acc"] or -1), -(r["test_acc"] or -1)))
+    rows.sort(key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0)))  # stable: ties and jobs without val_acc keep job order
     return rows, extra
+
+
+def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished job with the highest val_acc (the first of equals); None where no finished job has one:
+    the test split never chooses."""
+    ranked = [r for r in rows if r["status"] == "ok" and r.get("val_acc") is not None]
+    return max(ranked, key=lambda r: r["val_acc"]) if ranked else None
+
+
+def ranking_note(rows: list[dict[str, Any]]) -> str | None:
+    """One line saying why rows are not ranked (or not all of them); None where every finished job has a val_acc."""
+    unranked = [r["job"] for r in rows if r["status"] == "ok" and r.get("val_acc") is None]
+    if not unranked:
+        return None
+    if not any(r.get("val_acc") is not None for r in rows):
+        return NO_VAL_NOTE
+    jobs = f"Job {unranked[0]} has" if len(unranked) == 1 else f"Jobs {', '.join(unranked)} have"
+    return f"{jobs} no validation split (data.val_size=0): listed after the ranked jobs, in job order, not ranked."
 
 
 def _cell(value: Any, column: str = "") -> str:
@@ -133,10 +155,12 @@ def _cell(value: Any, column: str = "") -> str:
 
 def markdown(rows: list[dict[str, Any]], extra: list[str], title: str) -> str:
     columns = COLUMNS + extra
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for i, row in enumerate(rows):
+    note = ranking_note(rows)
+    chosen = best(rows)
+    lines = [f"# {title}", "", *([note, ""] if note else []), "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
         cells = [_cell(row.get(c), c) for c in columns]
-        if i == 0 and row["status"] == "ok":
+        if row is chosen:
             cells[0] = f"**{cells[0]} (best)**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -177,10 +201,13 @@ def plot(rows: list[dict[str, Any]], extra: list[str], path: Path, title: str) -
 
 # Jobs with a single epoch are single points, often at the same place: each gets its own open marker, drawn larger.
 SINGLE_POINT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+# The right panel's curve, the first that some job's per-epoch history (run.json) holds: key, name, scale to the axis.
+CURVES = (("val/acc", "val accuracy (%)", 100), ("train/acc", "train accuracy (%)", 100), ("train/loss_epoch", "train loss", 1))
 
 
 def figure(rows: list[dict[str, Any]], extra: list[str], title: str) -> Any:
-    """Left: test accuracy per configuration (best at the top); right: val accuracy per epoch of every job."""
+    """Left: test accuracy per job, in the rows' order (green: the best by val acc, where one is chosen); right: val accuracy
+    per epoch of every job, or where no job has one, its training curve (train accuracy, else train loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,16 +217,23 @@ def figure(rows: list[dict[str, Any]], extra: list[str], title: str) -> Any:
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(14, 1.5 + 0.45 * max(len(rows), 4)), dpi=100)
     labels = [_label(r, extra) for r in rows][::-1]
     values = [100 * (r["test_acc"] or 0) for r in rows][::-1]
-    colors = ["tab:green" if i == len(rows) - 1 else ("tab:blue" if r["status"] == "ok" else "tab:red") for i, r in enumerate(rows[::-1])]
+    chosen = best(rows)
+    colors = ["tab:green" if r is chosen else ("tab:blue" if r["status"] == "ok" else "tab:red") for r in rows[::-1]]
     bars.barh(labels, values, color=colors)
     for y, (value, row) in enumerate(zip(values, rows[::-1])):
         bars.text(value + 0.5, y, f"{value:.2f}%" if row["test_acc"] is not None else row["status"][:40], va="center", fontsize=8)
     bars.set_xlabel("test accuracy (%)")
     bars.set_xlim(0, 110)
-    bars.set_title("test accuracy per configuration (green: best by val acc)")
-    single = 0
-    for row in rows:
-        points = [(h["epoch"] + 1, 100 * h["val/acc"]) for h in row["history"] if "val/acc" in h]
+    if chosen is not None:
+        bars.set_title("test accuracy per job (green: best by val acc)")
+    else:
+        bars.set_title("test accuracy per job, in job order (no val acc: no best chosen)")
+    histories = [h for r in rows for h in r.get("history") or []]
+    key, name, scale = next((curve for curve in CURVES if any(curve[0] in h for h in histories)), (None, None, 1))
+    single, last = 0, 1
+    for row in rows if key else []:
+        points = [(h["epoch"] + 1, scale * h[key]) for h in row.get("history") or [] if h.get(key) is not None]
+        last = max([last] + [epoch for epoch, _ in points])
         if len(points) == 1:
             marker = SINGLE_POINT_MARKERS[single % len(SINGLE_POINT_MARKERS)]
             curves.plot(
@@ -208,10 +242,16 @@ def figure(rows: list[dict[str, Any]], extra: list[str], title: str) -> Any:
             single += 1
         elif points:
             curves.plot(*zip(*points), marker="o", markersize=3, label=_label(row, extra))
-    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.set_xlabel("epoch")
-    curves.set_ylabel("val accuracy (%)")
-    curves.set_title("val accuracy per epoch")
+    if key is None:
+        curves.set_axis_off()
+        curves.text(0.5, 0.5, "no per-epoch curve\n(no job's run.json holds a history)", ha="center", va="center", transform=curves.transAxes)
+    else:
+        curves.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        curves.set_xlim(0.5, last + 0.5)  # whole epochs, also where every job ran one
+        curves.set_xlabel("epoch")
+        curves.set_ylabel(name)
+        what = name.removesuffix(" (%)")
+        curves.set_title(f"{what} per epoch" if key == "val/acc" else f"{what} per epoch (no job has a val curve)")
     if curves.get_legend_handles_labels()[0]:
         curves.legend(fontsize=7)
     fig.suptitle(title)
