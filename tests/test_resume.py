@@ -233,12 +233,54 @@ def test_a_checkpoint_write_that_dies_half_way_never_leaves_a_truncated_file(mak
     assert path.read_bytes() == good and sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
 
 
+VIT = "vit.model.ViT"
+MUON = {"_target_": "vit.optim.MuonAdamW", "_partial_": True, "lr": 1e-3}
+
+
 def test_an_option_added_since_the_checkpoint_at_its_default_does_not_block_resume():
     from vit.checkpoints import settings_that_differ
 
-    trained = {"model": {"emb_size": 64, "stem_channels": []}, "optim": {"lr": 1e-3}}  # written before model.stem_strides existed
-    assert settings_that_differ(trained, {"model": {"emb_size": 64, "stem_channels": [], "stem_strides": []}, "optim": {"lr": 1e-3}}) == []
-    assert settings_that_differ(trained, {"model": {"emb_size": 64, "stem_channels": [], "stem_strides": [1]}, "optim": {"lr": 1e-3}}) == [
-        "model.stem_strides=<unset>"
-    ]
-    assert settings_that_differ(trained, {"model": {"emb_size": 128, "stem_channels": []}, "optim": {"lr": 1e-3}}) == ["model.emb_size=64"]
+    trained = {"model": {"_target_": VIT, "emb_size": 64, "stem_channels": []}, "optim": MUON}  # written before model.stem_strides existed
+    now = {"model": {**trained["model"], "stem_strides": []}, "optim": MUON}
+    assert settings_that_differ(trained, now) == []
+    now["model"]["stem_strides"] = [1]
+    assert settings_that_differ(trained, now) == ["model.stem_strides=[] (unset there: its default)"]
+    assert settings_that_differ(trained, {"model": {**trained["model"], "emb_size": 128}, "optim": MUON}) == ["model.emb_size=64"]
+
+
+def test_a_key_added_on_resume_is_a_setting_like_any_other():
+    """``+optim.nesterov=false`` on a resume of a run that trained with Muon's default (Nesterov on) differs, though
+    false is an "off" value: the restored optimizer would go on with Nesterov while the run records false."""
+    from vit.checkpoints import settings_that_differ
+
+    trained = {"optim": MUON}
+    assert settings_that_differ(trained, {"optim": {**MUON, "nesterov": False}}) == ["optim.nesterov=True (unset there: its default)"]
+    assert settings_that_differ(trained, {"optim": {**MUON, "nesterov": True}}) == []  # what it trained with, now written down
+    assert settings_that_differ({"optim": {"lr": 1e-3}}, {"optim": {"lr": 1e-3, "nesterov": False}}) == ["optim.nesterov=<unset>"]  # no _target_
+
+
+def test_resume_refuses_a_key_added_at_another_value_than_its_default(make_cfg, trained_run):
+    """Adam's eps defaults to 1e-8: ``+optim.eps=0`` would train on with 1e-8 (restored param groups) while recording 0."""
+    with pytest.raises(checkpoints.ConfigError, match=r"optim\.eps=1e-08 \(unset there: its default\)"):
+        run.train(make_cfg([f"ckpt_path={trained_run}", "+optim.eps=0", "trainer.max_epochs=2"]))
+
+
+def test_test_views_may_not_change_on_resume_with_a_validation_split(make_cfg, trained_run):
+    """With a validation split, tta_flip makes val/acc, which chooses the best checkpoint across the resume."""
+    with pytest.raises(checkpoints.ConfigError, match=r"module\.tta_flip=False"):
+        run.train(make_cfg([f"ckpt_path={trained_run}", "module.tta_flip=true", "trainer.max_epochs=2"]))
+
+
+def test_test_views_may_change_on_resume_without_validation_and_test_py_reproduces_the_run(make_cfg):
+    first = make_cfg(["data.val_size=0", "trainer.max_epochs=1", "trainer.limit_test_batches=1"], run="no_val")
+    run.train(first)
+    GlobalHydra.instance().clear()
+    resumed_cfg = make_cfg(
+        ["data.val_size=0", f"ckpt_path={first.paths.output_dir}", "module.tta_flip=true", "trainer.max_epochs=2", "trainer.limit_test_batches=1"],
+        run="no_val_resumed",
+    )
+    resumed = run.train(resumed_cfg)
+    GlobalHydra.instance().clear()
+    again = run.test(make_cfg([f"ckpt={resumed_cfg.paths.output_dir}", "trainer.limit_test_batches=1"], name="test", tiny=False, run="retest"))
+    assert resumed["epochs"] == 2 and again["test/acc"] == pytest.approx(resumed["test/acc"], abs=1e-6)
+    assert checkpoints.load(checkpoints.resolve(resumed_cfg.paths.output_dir))["hyper_parameters"]["config"]["module"]["tta_flip"] is True

@@ -138,7 +138,7 @@ def test_predict_honours_tta_flip(make_cfg, tmp_path, trained_run):
 
 
 def test_an_evaluation_only_setting_does_not_block_a_resume(make_cfg, trained_run):
-    metrics = run.train(make_cfg([f"ckpt_path={trained_run}", "module.tta_flip=true", "trainer.max_epochs=1", "trainer.limit_test_batches=1"]))
+    metrics = run.train(make_cfg([f"ckpt_path={trained_run}", "data.eval_batch_size=32", "trainer.max_epochs=1", "trainer.limit_test_batches=1"]))
     assert metrics["epochs"] == 1
 
 

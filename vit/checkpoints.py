@@ -5,6 +5,7 @@ compares with its own."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 import yaml
+from hydra.utils import get_object
 from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,9 +38,10 @@ MAY_DIFFER_ON_RESUME = (
     "data.root",
     "data.eval_batch_size",
     "data.device_resident",
-    "module.tta_flip",
-    "module.tta_shift",
 )
+# Evaluation-only, but with a validation split they make val/acc, which chooses the best checkpoint across the resume
+# (old views before it, new ones after) and which views the final test uses: they may differ only without one.
+TEST_VIEWS = ("module.tta_flip", "module.tta_shift")
 
 
 def stored_config(cfg: DictConfig, classes: Sequence[str]) -> dict[str, Any]:
@@ -187,6 +190,8 @@ def settings_that_differ(trained: dict, now: dict) -> list[str]:
         return {k: v for name, value in config.items() for k, v in flat(value, f"{prefix}.{name}").items()}
 
     may_differ = set(MAY_DIFFER_ON_RESUME)
+    if not (now.get("data") or {}).get("val_size") and not (trained.get("data") or {}).get("val_size"):
+        may_differ.update(TEST_VIEWS)
     if trained.get("scheduler") is None and now.get("scheduler") is None:
         may_differ.add("trainer.max_epochs")
     differ = []
@@ -198,15 +203,40 @@ def settings_that_differ(trained: dict, now: dict) -> list[str]:
             (flat(old, section), flat(new, section)) if isinstance(old, dict) and isinstance(new, dict) else ({section: old}, {section: new})
         )
         for key in sorted(set(before) | set(after)):
-            added_since = key not in before and _is_off(after.get(key))  # a newer option at its default: what the run trained with
-            if key not in may_differ and before.get(key) != after.get(key) and not added_since:
-                differ.append(f"{key}={before.get(key, '<unset>')}")
+            if key in may_differ or before.get(key) == after.get(key):
+                continue
+            if key not in before:  # the checkpoint's run used the constructor's default: was it the same?
+                default = _constructor_default(old if isinstance(old, dict) else None, key.partition(".")[2])
+                if default is _UNKNOWN:
+                    differ.append(f"{key}=<unset>")
+                elif _plain(default) != _plain(after.get(key)):
+                    differ.append(f"{key}={_plain(default)!r} (unset there: its default)")
+                continue
+            differ.append(f"{key}={before.get(key, '<unset>')}")
     return differ
 
 
-def _is_off(value: Any) -> bool:
-    """An option's "not used" value. New options default to it, so they keep the behaviour from before they existed."""
-    return value in (None, False, 0, "") or value in ([], {})
+_UNKNOWN = object()
+
+
+def _constructor_default(section: dict | None, name: str) -> Any:
+    """The default of parameter ``name`` of the section's ``_target_``: what a run whose config did not have the key
+    trained with (an option the project added since, or a ``+key`` the user adds). ``_UNKNOWN`` where it can't be told."""
+    target = (section or {}).get("_target_")
+    if not target or not name or "." in name:
+        return _UNKNOWN
+    try:
+        parameter = inspect.signature(get_object(target)).parameters.get(name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return _UNKNOWN
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return _UNKNOWN
+    return parameter.default
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as a config stores them (``stem_strides=()`` in code, ``[]`` in a config)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
