@@ -212,3 +212,16 @@ def test_train_sizes_need_a_model_that_takes_them(make_cfg):
         train(make_cfg(["data.train_sizes=[12,32]", "model.dynamic_img_size=true", "trainer.max_epochs=1"]))
     metrics = train(make_cfg(["data.train_sizes=[16,32]", "model.dynamic_img_size=true", "trainer.max_epochs=2"]))
     assert metrics["epochs"] == 2 and metrics["test/acc"] is not None
+
+
+def test_crop_padding_is_in_pixels_of_the_training_side_unless_scaled(monkeypatch):
+    """Progressive resizing resizes first: crop_padding=4 pads a 16 px image by 4 (a quarter of it); with
+    scale_crop_padding it is read at the stored 32 px and scaled, 2 at 16 px, 3 at 24, 4 at 32."""
+    paddings = []
+    monkeypatch.setattr("vit.data.random_crop_flip", lambda x, padding, generator=None: paddings.append(padding) or x)
+    images = fake().train_set.images[:2]
+    for scale in (False, True):
+        dm = fake(augment=True, crop_padding=4, scale_crop_padding=scale, train_sizes=[16, 24, 32])
+        for side in (16, 24, 32):
+            dm.preprocess(images, training=True, side=side)
+    assert paddings == [4, 4, 4, 2, 3, 4]

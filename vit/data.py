@@ -162,6 +162,9 @@ class ImageDataModule(L.LightningDataModule):
     ``train_sizes`` (progressive resizing): the side of the training images in each epoch, the
     last one for every later epoch, e.g. ``[16, 16, 24, 32]``; small images are cheap early, when
     the model only learns coarse features. Evaluation always runs at the full size.
+    ``crop_padding`` is in pixels of the image as trained, after that resize (4 pads a 16 px image by a
+    quarter of its side); ``scale_crop_padding=True`` reads it in pixels of the stored image instead and
+    scales it to each training side (4 at 32 px is 2 at 16 px).
     """
 
     classes: Sequence[str] = ()
@@ -177,6 +180,7 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int | None = None,
         augment: bool = False,
         crop_padding: int = 4,
+        scale_crop_padding: bool = False,
         trivial_augment: bool = False,
         seed: int = 42,
         device_resident: bool = True,
@@ -204,6 +208,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.trivial_augment = trivial_augment
         self.crop_padding = crop_padding
+        self.scale_crop_padding = bool(scale_crop_padding)
         self.seed = seed
         self.device_resident = device_resident
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
@@ -276,7 +281,13 @@ class ImageDataModule(L.LightningDataModule):
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         crop_padding = self.crop_padding if training and self.augment else None
         size = side if side is not None else self.image_size
+        if crop_padding and self.scale_crop_padding and size is not None:
+            crop_padding = self.padding_at(size, images.shape[-1])
         return to_model_input(images, self.mean, self.std, size, crop_padding, training and self.trivial_augment, generator)
+
+    def padding_at(self, side: int, stored: int) -> int:
+        """``crop_padding`` (pixels of the stored image) at a training side, with ``scale_crop_padding``: 4 at 32 px is 2 at 16."""
+        return round(self.crop_padding * side / stored)
 
     def augment_generator(self, rank: int, epoch: int, batch: int, device: torch.device) -> torch.Generator:
         """The crops' and ops' random stream of one training batch on one rank (``augment.batch_generator``)."""
