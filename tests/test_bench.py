@@ -1,7 +1,9 @@
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +49,91 @@ def test_run_curve_draws_a_finished_run_and_names_a_missing_one(tmp_path, traine
         [sys.executable, "bench/run_curve.py", str(tmp_path / "nothing"), "--png", str(png)], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 1 and "no readable run.json" in done.stderr and "give a finished run dir" in done.stderr
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_limits_fit_in_8_minutes():
+    gpu_check = load_gpu_check()
+    assert gpu_check.BUDGET_S == 8 * 60
+    assert sum(gpu_check.LIMITS_S.values()) <= gpu_check.BUDGET_S, gpu_check.LIMITS_S
+    presets = {f"One short epoch of experiment={p}" for p in gpu_check.PRESETS}
+    assert len(presets) >= 6 and presets <= set(gpu_check.LIMITS_S)  # every step main runs takes its limit from the table
+    assert {"Throughput, 16-mixed", "Race to 67.09%", "test.py on the fast run", "vit.predict on the fast run"} <= set(gpu_check.LIMITS_S)
+
+
+def test_gpu_check_writes_the_report_as_each_step_ends_and_stops_a_hung_one(tmp_path):
+    gpu_check = load_gpu_check()
+    path = tmp_path / "gpu_check.md"
+    report = gpu_check.Report(path, ["# GPU check: test", ""], time.monotonic())
+    far = time.monotonic() + 600
+    code, _ = gpu_check.step(report, "Quick", [sys.executable, "-c", "print('| a | b |'); print('no' + 'ise')"], 30, far)
+    assert code == 0
+    text = path.read_text()
+    assert "## Quick" in text and ": ok, " in text and "| a | b |" in text and "noise" not in text  # only the lines that carry figures
+    assert text.strip().endswith("s of the 480 s bound used._") and "cut short or still running" in text.splitlines()[-1]
+    # hangs, with a child of its own holding the output open: stopped at its limit, both of them, and the report written
+    hang = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print('child', c.pid, 'accuracy 1%'); time.sleep(60)"
+    began = time.monotonic()
+    code, output = gpu_check.step(report, "Hangs", [sys.executable, "-c", hang], 3, far)
+    assert code is None and time.monotonic() - began < 15
+    text = path.read_text()
+    assert "## Quick" in text and "## Hangs" in text and "timed out (limit 3 s)" in text and "accuracy 1%" in text
+    stat = Path(f"/proc/{output.split()[1]}/stat")
+    for _ in range(50):  # killed with its group: gone, or a zombie until it is reaped
+        try:
+            if stat.read_text().split(")")[-1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the hung step's child is still running")
+
+
+def test_gpu_check_stops_at_the_bound_and_runs_nothing_after_it(tmp_path):
+    gpu_check = load_gpu_check()
+    path = tmp_path / "gpu_check.md"
+    report = gpu_check.Report(path, ["# GPU check: test", ""], time.monotonic())
+    began = time.monotonic()
+    code, _ = gpu_check.step(report, "Long", [sys.executable, "-c", "import time; time.sleep(60)"], 100, began + 2)  # its limit is past the bound
+    assert code is None and time.monotonic() - began < 12
+    never = tmp_path / "never"
+    code, _ = gpu_check.step(report, "After", [sys.executable, "-c", f"open({str(never)!r}, 'w')"], 100, began + 2)
+    assert code is None and not never.exists()
+    text = path.read_text()
+    assert "`: stopped at the 480 s bound, " in text and "not run, the 480 s bound was spent" in text
+
+
+def test_gpu_check_runs_every_step_under_its_limit_from_the_table(tmp_path, monkeypatch):
+    """main's steps, their commands not run: each takes its limit from LIMITS_S and the bound; the report is finished."""
+    import torch
+
+    gpu_check = load_gpu_check()
+    ran = []
+
+    def fake_step(report, title, command, limit, deadline):
+        assert limit == gpu_check.LIMITS_S[title] and deadline - time.monotonic() <= gpu_check.BUDGET_S
+        ran.append(title)
+        report.add([f"## {title}", ""])
+        return 0, ""
+
+    monkeypatch.setattr(gpu_check, "step", fake_step)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a test GPU")
+    root = tmp_path / "cifar"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+    (root / "test" / "cat" / "0.png").write_bytes(b"")
+    report = tmp_path / "gpu_check.md"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--root", str(root), "--report", str(report), "--out", str(tmp_path / "out")])
+    assert gpu_check.main() == 0
+    assert sorted(ran) == sorted(gpu_check.LIMITS_S)  # every step once, every limit used
+    text = report.read_text()
+    assert text.startswith("# GPU check: a test GPU") and text.strip().endswith("s of the 480 s bound used._") and "_finished;" in text
+    assert text.count("| 0 | ") == len(gpu_check.PRESETS)  # a row in the presets' table for each
