@@ -1,16 +1,46 @@
 """optim=muon (vit.optim.MuonAdamW): which parameters Muon takes, both updates against torch's own, resume, training."""
 
 import copy
+import functools
 
 import pytest
 import torch
 
+from tests.conftest import TINY
 from vit.errors import ConfigError
 from vit.model import ViT
+from vit.module import ClassifierModule
 from vit.optim import MuonAdamW, orthogonalize
-from vit.run import train
+from vit.run import build_for_fit, train
+from vit.zoo import TimmNet
 
 SMALL = dict(patch_size=8, emb_size=32, img_size=32, depth=2, n_classes=10, num_heads=4, forward_expansion=2, pos_init="sincos", stem_channels=[8])
+# experiment=budget's net (conf/experiment/fast.yaml and budget.yaml): 595,386 parameters
+BUDGET = dict(
+    patch_size=4,
+    emb_size=128,
+    img_size=32,
+    depth=4,
+    n_classes=10,
+    num_heads=4,
+    forward_expansion=2,
+    pos_init="sincos",
+    dynamic_img_size=True,
+    stem_channels=[48, 96],
+)
+# timm nets without weights, small: a ViT, a Swin (relative_position_bias_table: 2-D tables) and a distilled DeiT (two heads)
+TIMM_NETS = {
+    "vit": ("vit_tiny_patch16_224", dict(depth=2, embed_dim=32, num_heads=2)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(depth=2, embed_dim=32, num_heads=2)),
+}
+
+
+def routed_by_the_module(net: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """The names of the net's parameters that go to Muon and to AdamW, as training builds optim=muon (in order)."""
+    optimizer = ClassifierModule(net, optimizer=functools.partial(MuonAdamW, lr=1e-3)).configure_optimizers()
+    names = {id(p): n for n, p in net.named_parameters()}
+    return tuple([names[id(p)] for g in optimizer.param_groups if g["muon"] is muon for p in g["params"]] for muon in (True, False))
 
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
@@ -24,23 +54,62 @@ def test_orthogonalize_flattens_the_spectrum(shape):
     assert s.min() > 0.5 and s.max() < 1.2, s  # Muon's quintic lands them near 1, not exactly on it
 
 
-def test_muon_takes_the_hidden_matrices_only():
-    net = ViT(**SMALL)
-    opt = MuonAdamW(net.named_parameters())
-    names = {id(p): n for n, p in net.named_parameters()}
-    muon = {names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]}
-    adamw = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
+@pytest.mark.parametrize("kwargs", [SMALL, BUDGET], ids=["small", "budget"])
+def test_muon_takes_the_hidden_matrices_only(kwargs):
+    net = ViT(**kwargs)
+    muon, adamw = routed_by_the_module(net)
+    names = [n for n, _ in net.named_parameters()]
     linear = {f"{n}.weight" for n, m in net[1].named_modules(prefix="1") if isinstance(m, torch.nn.Linear)}
-    assert muon == linear and len(muon) == 2 * 4  # qkv, projection and the MLP's two layers in each of 2 blocks
-    assert {"0.positions", "0.cls_token", "2.2.weight", "0.projection.0.weight"} <= adamw  # tables, output layer, stem
-    assert muon | adamw == set(names.values())
+    # the encoder's Linear weights, in the net's order (so optimizer states of checkpoints saved before load as they were):
+    # qkv, projection and the MLP's two layers in each block
+    assert muon == [n for n in names if n in linear] and len(muon) == kwargs["depth"] * 4
+    assert {"0.positions", "0.cls_token", "2.2.weight", "0.projection.0.weight"} <= set(adamw)  # tables, output layer, stem
+    assert adamw == [n for n in names if n not in linear]
+    if kwargs is BUDGET:
+        assert sum(p.numel() for p in net.parameters()) == 595_386
+
+
+@pytest.mark.parametrize("which", TIMM_NETS)
+def test_timm_nets_route_by_module(which):
+    """Muon takes the hidden Linear weights; tables (Swin's relative_position_bias_table), both of DeiT's heads,
+    Swin's head.fc and the patch convolution go to AdamW."""
+    name, kwargs = TIMM_NETS[which]
+    net = TimmNet(name, n_classes=10, img_size=32, patch_size=4, kwargs=kwargs)
+    muon, adamw = routed_by_the_module(net)
+    hidden = {
+        f"{n}.weight"
+        for n, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2", "reduction")
+    }
+    assert set(muon) == hidden and {"qkv", "proj", "fc1", "fc2"} <= {n.split(".")[-2] for n in muon}
+    assert not [n for n in muon if "relative_position_bias_table" in n or ".head" in n]
+    heads = {"vit": {"model.head.weight"}, "swin": {"model.head.fc.weight"}, "deit_distilled": {"model.head.weight", "model.head_dist.weight"}}[which]
+    assert heads | {"model.patch_embed.proj.weight"} <= set(adamw)
+    if which == "swin":
+        assert len([n for n in adamw if n.endswith("relative_position_bias_table")]) == 2  # one per block, 2-D
+    assert sorted(muon + adamw) == sorted(n for n, _ in net.named_parameters())
+
+
+def test_a_net_without_hidden_matrices_is_refused(make_cfg):
+    """model=resnet18_cifar has convolutions and an output layer only: optim=muon would be AdamW under Muon's name."""
+    data = [o for o in TINY if not o.startswith("model.")] + ["data.train_size=32", "data.val_size=0", "data.test_size=32"]
+    cfg = make_cfg([*data, "model=resnet18_cifar", "optim=muon"], tiny=False)
+    with pytest.raises(ConfigError, match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=adamw$") as e:
+        build_for_fit(cfg)  # when the module is built, before the data loads
+    assert "\n" not in str(e.value)
+
+
+def test_named_pairs_are_refused():
+    """Names alone cannot tell a table or an output layer from a hidden map: the optimizer takes the net itself."""
+    with pytest.raises(ConfigError, match=r"routes by module: give it the net"):
+        MuonAdamW(ViT(**SMALL).named_parameters())
 
 
 def test_without_matrices_it_is_torch_adamw():
     torch.manual_seed(0)
     a, b = (torch.nn.Parameter(torch.randn(7)) for _ in range(2))
     b.data.copy_(a.data)
-    ours = MuonAdamW([("w", a)], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99))
+    ours = MuonAdamW([a], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99))
     theirs = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99))
     for step in range(5):
         for p, opt in ((a, ours), (b, theirs)):
@@ -55,7 +124,7 @@ def test_a_matrix_moves_as_torch_muon_moves_it():
     a = torch.nn.Parameter(torch.randn(24, 12))
     b = torch.nn.Parameter(a.detach().clone())
     start = a.detach().clone()
-    ours = MuonAdamW([("w", a), ("out", torch.nn.Parameter(torch.zeros(3, 12)))], lr=0.02, weight_decay=0.1)
+    ours = MuonAdamW([a], lr=0.02, weight_decay=0.1)
     theirs = torch.optim.Muon([b], lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
     target = torch.randn(24, 12)
     for _ in range(4):
@@ -80,12 +149,12 @@ def test_state_dict_resumes_where_it_stopped():
     straight = ViT(**SMALL)
     resumed = ViT(**SMALL)
     resumed.load_state_dict(straight.state_dict())
-    opt = MuonAdamW(straight.named_parameters(), lr=3e-3)
+    opt = MuonAdamW(straight, lr=3e-3)
     steps(straight, opt, 2)
     saved = copy.deepcopy(opt.state_dict())  # as a checkpoint file holds it: not the live tensors
     for p, q in zip(resumed.parameters(), straight.parameters()):
         p.data.copy_(q.data)
-    fresh = MuonAdamW(resumed.named_parameters(), lr=3e-3)
+    fresh = MuonAdamW(resumed, lr=3e-3)
     fresh.load_state_dict(saved)
     steps(straight, opt, 1)
     steps(resumed, fresh, 1)

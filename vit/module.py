@@ -21,9 +21,10 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 TRAIN_METRICS = ("train_acc", "train_loss")
 
 
-def _takes_names(factory: OptimizerFactory) -> bool:
-    """Whether the optimizer wants (name, parameter) pairs (``vit.optim.MuonAdamW`` tells tables from matrices by name)."""
-    return getattr(getattr(factory, "func", factory), "takes_named_parameters", False)
+def _takes_module(factory: OptimizerFactory) -> bool:
+    """Whether the optimizer wants the net itself rather than its parameters (``vit.optim.MuonAdamW`` routes them by the
+    module that holds each: a Linear's weight, a table, the output layer)."""
+    return getattr(getattr(factory, "func", factory), "takes_module", False)
 
 
 class ClassifierModule(L.LightningModule):
@@ -86,12 +87,15 @@ class ClassifierModule(L.LightningModule):
         self.train_loss = MeanMetric(nan_strategy="disable")
 
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
-        """Build it once on a dummy parameter, so bad settings fail now rather than after the data has loaded."""
+        """Build it once (on a dummy parameter, or on the net for one that ``takes_module``), so bad settings fail now
+        rather than after the data has loaded."""
         lr = getattr(optimizer, "keywords", {}).get("lr")
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"optim.lr must be > 0, got {lr}")
         try:
-            optimizer([nn.Parameter(torch.zeros(1))])
+            optimizer(self.net if _takes_module(optimizer) else [nn.Parameter(torch.zeros(1))])
+        except ConfigError:
+            raise
         except (ValueError, TypeError) as e:
             raise ConfigError(f"bad optimizer settings (optim.*): {e}") from None
 
@@ -177,7 +181,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise RuntimeError("this module was built for evaluation only (no optimizer)")
-        optimizer = self.optimizer_factory(params=self.named_parameters() if _takes_names(self.optimizer_factory) else self.parameters())
+        optimizer = self.optimizer_factory(params=self.net if _takes_module(self.optimizer_factory) else self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)

@@ -1,4 +1,5 @@
-"""Optimizers built from config (``optim=...``, ``_partial_: true``; the module passes the parameters)."""
+"""Optimizers built from config (``optim=...``, ``_partial_: true``; the module passes the parameters, or the net to an
+optimizer that declares ``takes_module``)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,49 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vit.errors import ConfigError
+from vit.model import ClassificationHead
 
 # Newton-Schulz coefficients of Muon (Jordan et al. 2024), as torch.optim.Muon uses them.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-# Parameters that are tables (looked up or added), not maps between features: they stay with AdamW.
-TABLE_NAMES = ("positions", "cls_token", "pos_embed")
+# Modules that are output layers by their name (timm: ViT's and DeiT's head, DeiT's head_dist, the ClassifierHead of
+# Swin and the CNNs), besides what a timm model's get_classifier() returns and the project ViT's ClassificationHead.
+HEAD_NAMES = ("head", "head_dist")
+
+
+def output_layers(net: nn.Module) -> list[nn.Module]:
+    """The net's classifier head(s): the project ViT's ClassificationHead, what timm's ``get_classifier()`` returns
+    (a module, or a tuple of them: DeiT's head and head_dist), and every module named ``head`` or ``head_dist``."""
+    heads = []
+    for name, module in net.named_modules():
+        if isinstance(module, ClassificationHead) or name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            heads.append(module)
+        get_classifier = getattr(module, "get_classifier", None)
+        if callable(get_classifier):
+            found = get_classifier()
+            heads += [m for m in (found if isinstance(found, (tuple, list)) else [found]) if isinstance(m, nn.Module)]
+    return heads
+
+
+def split_for_muon(net: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """The net's trainable (name, parameter) pairs as (Muon's, AdamW's), each in ``named_parameters()`` order.
+
+    Routed by the module that holds each parameter: Muon takes the ``weight`` of every ``nn.Linear`` outside the
+    output layers (the hidden maps between features: attention, MLP, Swin's patch merging); AdamW takes the rest:
+    tables (a parameter held directly by a module that is not a Linear: positions, class tokens, Swin's
+    ``relative_position_bias_table``; ``nn.Embedding``), the output layers (``output_layers``), convolutions,
+    and every vector (norms, biases, layer scales).
+    """
+    head = {id(p) for module in output_layers(net) for p in module.parameters()}
+    tables = {id(p) for module in net.modules() if not isinstance(module, nn.Linear) for p in module.parameters(recurse=False)}
+    hidden = {id(m.weight) for m in net.modules() if isinstance(m, nn.Linear)} - head - tables
+    muon, adamw = [], []
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            (muon if id(p) in hidden and p.ndim == 2 else adamw).append((name, p))
+    return muon, adamw
 
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
@@ -38,16 +74,16 @@ class MuonAdamW(torch.optim.Optimizer):
     and every vector (norms, biases) stay with AdamW. Its update is scaled by 0.2 sqrt(max(m, n)) to AdamW's size
     ("match_rms_adamw", Liu et al. 2025, "Muon is scalable"), so AdamW's ``lr`` and ``weight_decay`` carry over.
 
-    ``params``: (name, parameter) pairs (``named_parameters()``: the module passes them, see
-    ``takes_named_parameters``): the names tell the tables apart, and the last 2-D parameter is taken as the
-    output layer. Plain parameters are routed by shape alone (2-D to Muon).
+    ``params``: the net (an ``nn.Module``: the module passes it, see ``takes_module``), routed by module
+    (``split_for_muon``); a net with no hidden weight matrices is refused (it would train as AdamW under Muon's
+    name). Plain parameters are routed by shape alone (2-D to Muon; none 2-D: AdamW).
     """
 
-    takes_named_parameters = True
+    takes_module = True
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+        params: nn.Module | Iterable[Tensor],
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -66,14 +102,16 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ConfigError(f"optim.momentum must be in [0, 1), got {momentum}")
         if not (isinstance(ns_steps, int) and ns_steps > 0):
             raise ConfigError(f"optim.ns_steps must be a positive integer, got {ns_steps!r}")
-        named = [item if isinstance(item, tuple) else (None, item) for item in _pairs(params)]
-        named = [(n, p) for n, p in named if p.requires_grad]
-        matrices = [i for i, (_, p) in enumerate(named) if p.ndim == 2]
-        output_layer = matrices[-1] if matrices and named[matrices[-1]][0] is not None else None
-        muon, adamw = [], []
-        for i, (name, p) in enumerate(named):
-            is_table = name is not None and name.rsplit(".", 1)[-1] in TABLE_NAMES
-            (muon if p.ndim == 2 and not is_table and i != output_layer else adamw).append(p)
+        if isinstance(params, nn.Module):
+            muon, adamw = ([p for _, p in pairs] for pairs in split_for_muon(params))
+            if not muon:
+                raise ConfigError(
+                    f"optim=muon found no hidden weight matrices in the model ({_label(params)}; Muon takes the 2-D weights of linear "
+                    "layers between features, not convolutions, tables or the output layer): use optim=adamw"
+                )
+        else:
+            plain = [p for p in _plain(params) if p.requires_grad]
+            muon, adamw = [p for p in plain if p.ndim == 2], [p for p in plain if p.ndim != 2]
         groups = [{"params": muon, "muon": True}, {"params": adamw, "muon": False}]
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__([g for g in groups if g["params"]], defaults)
@@ -121,8 +159,16 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
-def _pairs(params: Iterable) -> list:
+def _plain(params: Iterable) -> list[Tensor]:
     params = list(params)
     if params and isinstance(params[0], dict):
-        raise ConfigError("MuonAdamW makes its own parameter groups: give it the parameters, not groups")
+        raise ConfigError("MuonAdamW makes its own parameter groups: give it the net or its parameters, not groups")
+    if params and isinstance(params[0], tuple):
+        raise ConfigError("MuonAdamW routes by module: give it the net (MuonAdamW(net)) or plain parameters, not (name, parameter) pairs")
     return params
+
+
+def _label(net: nn.Module) -> str:
+    """The net as a user knows it: ``model.name=...`` for a timm model (model=timm), else its class (``ResNet18CIFAR``)."""
+    name = getattr(net, "name", None)
+    return f"model.name={name}" if isinstance(name, str) and type(net).__name__ == "TimmNet" else type(net).__name__
