@@ -1,10 +1,11 @@
 """The accuracy-per-CPU-minute frontier: test accuracy against wall-clock minutes (log scale), one point per run.
 
 Why: one picture that says which preset to pick for a time budget on a CPU, and where published small-ViT
-results on other machines stand. The figures are not measured here: they are read from a JSON file
-(default ``docs/frontier.json``) in which every point carries the command that measured it, or, for a
-published anchor, its source. Points of this project's machine are filled; anchors from other machines
-are hollow and say which machine.
+results on other machines stand. The figures are not measured here: they are read from the results registry
+(default ``docs/frontier.json``, which the README's results table and ``python -m vit.reproduce`` read too): one
+point per row that has a ``frontier`` entry, at its headline result, with a bar over its recorded results, and
+the published anchors with their sources. A plain JSON list of points (label, minutes, accuracy, source) is drawn
+as it is. Points of this project's machines are filled; anchors from other machines are hollow and say which machine.
 
     python bench/frontier.py                       # docs/frontier.json -> docs/frontier.png
 """
@@ -21,6 +22,14 @@ KEYS = ("label", "minutes", "accuracy", "source")
 
 def load(path: Path) -> list[dict]:
     points = json.loads(path.read_text())
+    if isinstance(points, dict):  # the results registry: its rows' headline results, then the anchors
+        from vit.errors import ConfigError
+        from vit.reproduce import frontier_points, load_registry
+
+        try:
+            points = frontier_points(load_registry(path))
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
     for i, point in enumerate(points):
         missing = [k for k in KEYS if k not in point]
         if missing:

@@ -1,0 +1,327 @@
+"""python -m vit.reproduce: the registry (docs/frontier.json), the verdicts, and the README and the frontier picture
+agreeing with the registry; end to end on a tiny row (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONF, ROOT, TINY
+from vit import reproduce
+from vit.cli import check_overrides
+from vit.errors import ConfigError
+
+README = ROOT / "README.md"
+MACHINES = {
+    "race": {"cpu": "AMD EPYC", "cores": 2, "torch_threads": 2, "manual_images_per_s": 199, "manual_source": "the race", "date": "2026-11-29"},
+    "busy": {"cpu": "AMD EPYC", "cores": 2, "torch_threads": 1, "manual_images_per_s": None, "manual_source": "not measured"},
+    "xeon": {
+        "cpu": "Intel Xeon",
+        "cores": 2,
+        "torch_threads": 2,
+        "manual_images_per_s": None,
+        "manual_source": "not measured",
+        "manual_estimate": [220, 240],
+        "manual_estimate_source": "other sessions",
+    },
+}
+
+
+def result(seed, accuracy, seconds, machine, **extra):
+    return {"seed": seed, "accuracy": accuracy, "seconds": seconds, "machine": machine, "source": "a test", **extra}
+
+
+def row(name, results, command="python train.py experiment=fast", frontier=None):
+    return {"name": name, "what": name, "command": command, "results": results, "frontier": frontier}
+
+
+def write_registry(path: Path, rows, machines=MACHINES) -> Path:
+    path.write_text(json.dumps({"machines": machines, "rows": rows, "anchors": []}))
+    return path
+
+
+@pytest.fixture
+def fast(tmp_path) -> reproduce.Row:
+    """A row like fast's: seed 42 timed where the manual's loop was, seeds 0 and 1 timed where it was not."""
+    rows = [row("fast", [result(42, 70.13, 321.8, "race"), result(0, 71.01, 602, "busy"), result(1, 69.64, 594, "busy")])]
+    return reproduce.load_registry(write_registry(tmp_path / "registry.json", rows)).row("fast")
+
+
+# Verdicts -----------------------------------------------------------------------------------------------------------
+
+
+def test_a_time_is_scaled_by_the_two_machines_manual_loop_speeds(fast):
+    assert reproduce.expected_seconds(322, 199, 150.2) == pytest.approx(322 * 199 / 150.2)
+    lines = reproduce.time_verdicts(fast, 42, 412, 150.2)
+    assert lines[0] == (
+        "time 412 s; recorded 322 s (seed 42) on AMD EPYC (2 cores, 2 torch threads, 2026-11-29) at 199 manual images/s, "
+        "this machine 150.2 -> expected 426 s: 0.97x"
+    )
+    # Seeds 0 and 1 were timed where the manual's loop was not: no line for them under seed 42, an unscaled one under seed 0.
+    assert len(lines) == 1
+    lines = reproduce.time_verdicts(fast, 0, 700, 150.2)
+    assert "expected 426 s: 1.64x" in lines[0]
+    assert lines[1].startswith("time 700 s; recorded 602 s (seed 0) on AMD EPYC (2 cores, 1 torch thread)")
+    assert lines[1].endswith("no manual-loop speed was measured there, so that time can't be scaled to this machine")
+
+
+def test_a_time_without_a_manual_speed_is_not_scaled_but_an_estimate_gives_a_rough_range(tmp_path):
+    budget = reproduce.load_registry(write_registry(tmp_path / "r.json", [row("budget", [result(42, 83.14, 1873, "xeon")])])).row("budget")
+    (line,) = reproduce.time_verdicts(budget, 42, 2000, 200.0)
+    assert "can't be scaled to this machine" in line
+    low, high = 1873 * 220 / 200, 1873 * 240 / 200
+    assert (
+        f"at the 220-240 manual images/s measured in other sessions, expected {low:,.0f}-{high:,.0f} s, {2000 / high:.2f}-{2000 / low:.2f}x)" in line
+    )
+    assert reproduce.expectation(budget, 42, 200.0) is None
+
+
+def test_the_accuracy_is_judged_against_the_recorded_seeds_spread(fast):
+    assert reproduce.accuracy_verdict(fast, 42, 70.31) == (
+        "seed 42: 70.31% (recorded 70.13%; seeds 42, 0, 1 span 69.64-71.01% over 3 runs): within the spread"
+    )
+    assert reproduce.accuracy_verdict(fast, 42, 68.5).endswith(": 1.14 points below the spread")
+    assert reproduce.accuracy_verdict(fast, 0, 71.5).endswith(": 0.49 points above the spread")
+    assert reproduce.accuracy_verdict(fast, 7, 70.0).startswith("seed 7: 70.00% (no run of seed 7 recorded; seeds 42, 0, 1 span")
+    assert "the run printed none" in reproduce.accuracy_verdict(fast, 42, None)
+
+
+def test_one_recorded_run_has_no_spread_only_a_difference(tmp_path):
+    one = reproduce.load_registry(write_registry(tmp_path / "r.json", [row("one", [result(42, 76.9, 1543, "busy", note="a note")])])).row("one")
+    assert reproduce.accuracy_verdict(one, 42, 77.1) == "seed 42: 77.10% (recorded 76.90% (a note), one run: no spread): 0.20 points above it"
+    assert reproduce.accuracy_verdict(one, 3, 76.9).endswith("(no run of seed 3 recorded; seed 42's one run: 76.90%): the same")
+
+
+def test_the_expected_time_is_said_before_the_run(fast):
+    assert reproduce.expectation(fast, 0, 150.2) == "expect about 426 s here (322 s recorded on AMD EPYC at 199 manual images/s)"
+
+
+# The command line ---------------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_name_is_one_line_listing_the_names(capsys):
+    assert reproduce.main(["nope"]) == 1
+    err = capsys.readouterr().err
+    names = ", ".join(r.name for r in reproduce.load_registry().rows)
+    assert err == f"Error: no result named 'nope': use one of {names} (python -m vit.reproduce --list)\n"
+    assert reproduce.main([]) == 1
+    assert capsys.readouterr().err.startswith(f"Error: name a result: python -m vit.reproduce NAME, NAME one of {names}")
+
+
+def test_list_prints_every_row_with_its_command(capsys):
+    assert reproduce.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for r in reproduce.load_registry().rows:
+        assert re.search(rf"^{r.name} +{r.headline.accuracy:.2f}%", out, flags=re.MULTILINE)
+        assert r.command in out
+
+
+def test_seeds_and_overrides_are_split_and_a_run_dir_override_refused(fast, tmp_path):
+    assert reproduce.split_seeds(fast, []) == ([42], [])
+    assert reproduce.split_seeds(fast, ["seed=0,1", "trainer.max_epochs=1"]) == ([0, 1], ["trainer.max_epochs=1"])
+    with pytest.raises(ConfigError, match=r"^seed=x is not a seed: give an integer"):
+        reproduce.split_seeds(fast, ["seed=x"])
+    with pytest.raises(ConfigError, match=r"give --out DIR instead of hydra.run.dir="):
+        reproduce.split_seeds(fast, ["hydra.run.dir=/tmp/x"])
+    manual = reproduce.load_registry(
+        write_registry(
+            tmp_path / "m.json", [row("manual", [result(42, 67.09, 5029, "race")], command="python bench/time_to_accuracy.py --data fake")]
+        )
+    ).row("manual")
+    assert manual.kind == "manual" and reproduce.row_data(manual, []) == ("fake", None)
+    with pytest.raises(ConfigError, match=r"takes seed=N and data.root=DIR only, not trainer.max_epochs=1$"):
+        reproduce.split_seeds(manual, ["trainer.max_epochs=1"])
+
+
+def test_a_broken_registry_is_one_line_naming_what_is_missing(tmp_path):
+    path = write_registry(tmp_path / "r.json", [{"name": "x", "command": "python train.py"}])
+    with pytest.raises(ConfigError, match=r"row 0 lacks what, results, frontier: give it name, what, command, results, frontier$"):
+        reproduce.load_registry(path)
+    path = write_registry(tmp_path / "r.json", [row("x", [result(42, 70.0, 10, "nowhere")])])
+    with pytest.raises(ConfigError, match=r"row x, result 0 names the machine 'nowhere': define it under machines$"):
+        reproduce.load_registry(path)
+    path = write_registry(tmp_path / "r.json", [row("x", [result(42, 70.0, 10, "race")], command="python other.py")])
+    with pytest.raises(ConfigError, match=r"row x's command must start with 'python train.py'"):
+        reproduce.load_registry(path)
+
+
+# The registry against the project, the README and the picture -----------------------------------------------------------
+
+REGISTRY = reproduce.load_registry()
+TIME = re.compile(r"(?<![\d.,-])(?:(\d+) min (\d+) s\b|(\d[\d,]*(?:\.\d+)?) (s|min)\b)")
+ACCURACY = re.compile(r"(\d+\.\d\d)(?:-(\d+\.\d\d))?%")
+
+
+def times(text: str) -> list[tuple[float, float]]:
+    """(seconds, tolerance) of each single time said in ``text`` ("8 min 43 s", "1,873 s", "5.4 min", "118 min"),
+    the tolerance its rounding; a range ("53-56 min") is a derived figure and not read."""
+    found = []
+    for minutes, secs, number, unit in TIME.findall(text):
+        if minutes:
+            found.append((60 * int(minutes) + int(secs), 0.5))
+            continue
+        value, decimals = float(number.replace(",", "")), len(number.partition(".")[2])
+        scale = 60 if unit == "min" else 1
+        found.append((value * scale, 0.5 * 10**-decimals * scale))
+    return found
+
+
+def said(seconds: float, mentions: list[tuple[float, float]]) -> bool:
+    return any(abs(seconds - value) <= tolerance + 1e-6 for value, tolerance in mentions)
+
+
+def accuracies(text: str) -> set[str]:
+    return {a for pair in ACCURACY.findall(text) for a in pair if a}
+
+
+def table(heading_cells: str) -> list[list[str]]:
+    """The cells of the README table whose header row starts with ``heading_cells``."""
+    lines = README.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading_cells)), None)
+    assert start is not None, f"the README has no table starting {heading_cells!r}"
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+RESULTS = table("| `python -m vit.reproduce` | command | test acc | wall time | device |")
+HARDWARE = table("| hardware | command | time | check it |")
+
+
+def test_the_readmes_results_table_has_a_row_per_registry_row_and_no_other():
+    assert sorted(cells[0].strip("`") for cells in RESULTS) == sorted(r.name for r in REGISTRY.rows)
+
+
+@pytest.mark.parametrize("cells", RESULTS, ids=lambda cells: cells[0].strip("`"))
+def test_each_results_row_says_what_the_registry_records(cells):
+    name, command, accuracy, wall, device = cells[:5]
+    entry = REGISTRY.row(name.strip("`"))
+    assert f"`{entry.command}`" in command
+    assert accuracies(accuracy) == {f"{r.accuracy:.2f}" for r in entry.results}
+    mentions = times(wall)
+    assert [r.seconds for r in entry.results if r.seconds is not None and not said(r.seconds, mentions)] == []
+    timed = [r.seconds for r in entry.results if r.seconds is not None]
+    assert [value for value, tolerance in mentions if not said(value, [(s, tolerance) for s in timed])] == []
+    for r in entry.results:
+        if r.machine.cpu:
+            assert r.machine.cpu in device
+        if r.machine.manual_images_per_s:
+            assert f"{r.machine.manual_images_per_s:g} manual images/s" in device
+
+
+HARDWARE_CHECKED = [cells for cells in HARDWARE if re.search(r"vit\.reproduce \w+", cells[3])]
+
+
+def test_the_hardware_tables_times_name_the_rows_they_come_from():
+    assert len(HARDWARE_CHECKED) >= 4, "the README's hardware table no longer names its rows (python -m vit.reproduce NAME)"
+    timed = [cells[0] for cells in HARDWARE if times(cells[2]) and cells not in HARDWARE_CHECKED]
+    assert timed == ["any machine, to check the setup"]  # the one time not from the registry: a smoke run on fake data
+
+
+@pytest.mark.parametrize("cells", HARDWARE_CHECKED, ids=lambda cells: cells[0])
+def test_each_hardware_time_and_accuracy_is_the_registrys(cells):
+    entries = [REGISTRY.row(name) for name in re.findall(r"vit\.reproduce (\w+)", cells[3])]
+    text = cells[2]
+    mentions = times(text)
+    results = [r for entry in entries for r in entry.results]
+    for entry in entries:
+        assert said(entry.headline.seconds, mentions), f"{entry.name}'s {entry.headline.seconds:,.0f} s is not said"
+        if entry.headline.machine.cpu:
+            assert entry.headline.machine.cpu in text
+        if entry.headline.machine.manual_images_per_s:
+            assert f"{entry.headline.machine.manual_images_per_s:g} manual images/s" in text
+    timed = [r.seconds for r in results if r.seconds is not None]
+    assert [value for value, tolerance in mentions if not said(value, [(s, tolerance) for s in timed])] == []
+    assert accuracies(text) <= {f"{r.accuracy:.2f}" for r in results}
+
+
+def test_the_frontier_picture_is_drawn_from_the_registry():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "bench" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    points = frontier.load(reproduce.REGISTRY)
+    drawn = [r for r in REGISTRY.rows if r.frontier]
+    assert [p["name"] for p in points if "name" in p] == [r.name for r in drawn]
+    for point, entry in zip(points, drawn):
+        assert point["minutes"] == pytest.approx(entry.headline.seconds / 60, abs=0.01)
+        assert point["accuracy"] == entry.headline.accuracy
+        assert point.get("spread", [entry.headline.accuracy] * 2) == list(entry.spread)
+    assert len(points) == len(drawn) + len(REGISTRY.anchors)
+
+
+@pytest.mark.parametrize("entry", [r for r in REGISTRY.rows if r.kind == "train"], ids=lambda r: r.name)
+def test_every_rows_command_is_a_valid_command_today(entry):
+    check_overrides(CONF, "train", entry.args)
+
+
+# End to end (slow) --------------------------------------------------------------------------------------------------
+
+
+def tiny_registry(tmp_path: Path, epochs: int) -> Path:
+    machines = {"here": {"cpu": "Test CPU", "cores": 2, "torch_threads": 1, "manual_images_per_s": 100.0, "manual_source": "made up"}}
+    command = "python train.py " + " ".join([*TINY, f"trainer.max_epochs={epochs}"])
+    return write_registry(tmp_path / "registry.json", [row("tiny", [result(42, 10.0, 30, "here")], command=command)], machines)
+
+
+def run_reproduce(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vit.reproduce", *args, "--manual-steps", "2", "--manual-warmup", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_a_tiny_row_is_run_timed_and_judged(tmp_path):
+    out = tmp_path / "runs"
+    process = run_reproduce("tiny", "--registry", str(tiny_registry(tmp_path, 1)), "--out", str(out))
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    accuracy = 100 * json.loads((out / "seed42" / "metrics.json").read_text())["test/acc"]
+    assert f"Accuracy on test set: {accuracy:.2f}%" in stdout  # the run's own output, passed through
+    assert f"\nseed 42: {accuracy:.2f}% (recorded 10.00%, one run: no spread): " in stdout
+    assert re.search(
+        r"\n  time \d+ s; recorded 30 s \(seed 42\) on Test CPU .* at 100 manual images/s, this machine [\d.]+ -> expected [\d,]+ s: [\d.]+x\n",
+        stdout,
+    )
+    assert "the manual's loop: " in stdout and f"run dir: {out / 'seed42'}" in stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_keeps_its_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "runs"
+    process = run_reproduce("tiny", "--registry", str(tiny_registry(tmp_path, 500)), "--out", str(out))
+    last = out / "seed42" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert last.exists()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"Stopped: {out / 'seed42'} kept, with checkpoints/")
+    assert "ckpt_path=" in stderr.strip().splitlines()[-1]
+    left = [p for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
+    assert left == [], "the training run outlived vit.reproduce"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
