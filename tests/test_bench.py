@@ -137,3 +137,61 @@ def test_gpu_check_runs_every_step_under_its_limit_from_the_table(tmp_path, monk
     text = report.read_text()
     assert text.startswith("# GPU check: a test GPU") and text.strip().endswith("s of the 480 s bound used._") and "_finished;" in text
     assert text.count("| 0 | ") == len(gpu_check.PRESETS)  # a row in the presets' table for each
+
+
+def load_throughput():
+    """bench/throughput.py as a module, loaded once (its dataclasses look their module up in sys.modules)."""
+    if "throughput" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
+        sys.modules["throughput"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["throughput"])
+    return sys.modules["throughput"]
+
+
+def test_flops_per_image_of_a_linear_net_and_of_cpu_attention_match_the_hand_count():
+    """bench/throughput.py --flops counts a training step as forward + backward: the hand count of a 2-layer MLP (the first
+    layer's backward has no input gradient to make), and the CPU's fused attention, which FlopCounterMode alone counts as 0."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    throughput = load_throughput()
+    batch, n_in, hidden, out = 4, 3 * 4 * 4, 32, 10
+    net = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, out))
+    x, y = torch.randn(batch, 3, 4, 4), torch.randint(0, out, (batch,))
+    forward = 2 * (n_in * hidden + hidden * out)
+    backward = 2 * (2 * hidden * out) + 2 * n_in * hidden  # layer 2: input and weight gradients; layer 1: weight gradient only
+    flops, optimizer_flops = throughput.count_step_flops(net, x, y, torch.optim.Adam(net.parameters()))
+    assert (flops / batch, optimizer_flops) == (forward + backward, 0)  # Adam is elementwise: nothing counted
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            q = self.proj(x).view(2, 2, 16, 4)  # (b, heads, tokens, head dim)
+            return F.scaled_dot_product_attention(q, q, q).flatten(1)[:, :10]
+
+    flops, _ = throughput.count_step_flops(Attention(), torch.randn(2, 16, 8), torch.randint(0, 10, (2,)))
+    bmm = 2 * (2 * 2) * 16 * 4 * 16  # one (tokens x dim) @ (dim x tokens) per batch and head
+    projection = 2 * (2 * 16) * 8 * 8  # 32 token rows through an 8 x 8 map
+    assert flops == 2 * projection + 7 * bmm  # the projection's forward and weight gradient; attention's 2 forward and 5 backward products
+
+
+def test_matmul_peak_is_a_rate_and_a_run_dir_share_adds_its_epochs(trained_run):
+    import torch
+
+    throughput = load_throughput()
+    assert throughput.matmul_peak(torch.device("cpu"), n=64, repeats=2) > 0
+    share = throughput.run_share(trained_run, torch.device("cpu"), peak=1e12)
+    assert share["epochs"] == 1 and share["images"] > 0 and list(share["sides"]) == [32]
+    assert share["flops"] == share["flops_per_image"][32] * share["images"] > 0
+    assert share["share"] == share["flops"] / share["train_time_s"] / 1e12
+
+
+def test_time_to_accuracy_names_its_experiment_once():
+    done = subprocess.run(
+        [sys.executable, "bench/time_to_accuracy.py", "--experiment", "budget", "--ours", "experiment=fast"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "--experiment budget and --ours experiment=fast: name the experiment once" in done.stderr
