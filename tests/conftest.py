@@ -16,6 +16,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread per worker (and its subprocesses), not two each on 2 cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # A model and data small enough for a CPU test to train in seconds.
 TINY = [
     "data=fake",
