@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,13 @@ def trained_run(tmp_path_factory) -> Path:
     train(compose_config("train", [*TINY, "trainer.max_epochs=1"], run))
     GlobalHydra.instance().clear()
     return run
+
+
+def wandb_records(folder: Path, last: bytes, timeout_s: float = 60) -> bytes:
+    """The protobuf records of the one W&B offline run in ``folder`` (what `wandb sync` uploads), once they hold
+    ``last``: W&B's own service process writes them, and on a busy machine it may still be at it when a run returns."""
+    (records,) = list(folder.glob("run-*.wandb"))
+    deadline = time.monotonic() + timeout_s
+    while last not in (data := records.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return data

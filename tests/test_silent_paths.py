@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import TINY, make_image_folder
+from tests.conftest import TINY, make_image_folder, wandb_records
 from tests.faults import truncate
 from tests.test_reliability import one_line_error
 from vit import checkpoints, predict, report, run
@@ -55,8 +55,7 @@ def test_retesting_a_sweep_under_wandb_finishes_each_jobs_run(make_cfg, tmp_path
     offline = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(offline) == 2
     for job, folder in zip(("job0", "job1"), offline):
-        (records,) = list(folder.glob("run-*.wandb"))
-        data = records.read_bytes()
+        data = wandb_records(folder, b"test/acc")
         assert job.encode() in data and b"test/acc" in data
 
 

@@ -2,13 +2,13 @@
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import DictConfig
 
+from tests.conftest import wandb_records
 from vit.errors import ConfigError
 from vit.run import train
 
@@ -50,10 +50,7 @@ def test_wandb_offline_keeps_the_run_in_the_run_dir(make_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     _, run_dir, metrics = tiny_run(make_cfg, "wandb")
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
-    (records,) = list(offline.glob("run-*.wandb"))  # what `wandb sync` uploads: protobuf records, values as JSON text
-    deadline = time.monotonic() + 60  # W&B's own service process writes the file; on a busy machine it may still be at it
-    while b"final/test/acc" not in (data := records.read_bytes()) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    data = wandb_records(offline, b"final/test/acc")  # protobuf records, values as JSON text
     for name in (b"train/loss_step", b"val/acc", b"max_epochs", b"final/test/acc"):
         assert name in data, name
     assert json.dumps(metrics["test/acc"]).encode() in data
