@@ -45,7 +45,6 @@ import argparse
 import json
 import logging
 import math
-import platform
 import resource
 import tempfile
 import time
@@ -63,6 +62,7 @@ from torch.utils import flop_counter
 from vit import checkpoints, manual
 from vit.builders import build_callbacks, build_net, build_trainer, instantiate, module_factory
 from vit.errors import ConfigError
+from vit.reproduce import cpu_name
 from vit.run import build_for_fit
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -105,15 +105,7 @@ def peak_memory(device: torch.device) -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
 
 
 def steps_per_s(start: float | None, end: float | None, steps: int, what: str) -> float:

@@ -58,32 +58,22 @@ ACCURACY_LINE = re.compile(r"Accuracy on test set: ([\d.]+)%")
 def manual_projection(args: argparse.Namespace) -> dict[str, float]:
     """The manual's recipe (``vit.manual``): set-up and test timed whole, one training epoch from a timed slice of steps."""
     device = args.device
-    start = now(device)
-    torch.manual_seed(args.seed)
-    recipe = manual.Recipe.set_up(*manual.datasets(args.root if args.data == "folder" else None, fake_sizes=(50_000, 500)), device)
-    setup_s = now(device) - start
-    readings = recipe.time_slice(args.manual_warmup, args.manual_steps, lambda: now(device))
-    if readings is None:
+    p = manual.project(args.root if args.data == "folder" else None, device, args.seed, args.manual_warmup, args.manual_steps, lambda: now(device))
+    if p is None:
         sys.exit(f"the manual's epoch has fewer than {args.manual_warmup + args.manual_steps} steps: lower --manual-warmup/--manual-steps")
-    step_s = (readings[1] - readings[0]) / args.manual_steps
-    test_start = now(device)
-    recipe.test()
-    test_s = now(device) - test_start
-    epoch_s = step_s * len(recipe.train_loader)
-    total = setup_s + manual.NUM_EPOCHS * epoch_s + test_s
     print(
-        f"  manual: set-up {setup_s:.1f} s, {args.manual_steps} timed steps at {manual.BATCH_SIZE / step_s:.0f} images/s "
-        f"-> {epoch_s:.0f} s per epoch of {len(recipe.train_loader)} steps, test pass {test_s:.1f} s: "
-        f"{manual.NUM_EPOCHS} epochs = {total:.0f} s projected",
+        f"  manual: set-up {p.setup_s:.1f} s, {args.manual_steps} timed steps at {p.images_per_s:.0f} images/s "
+        f"-> {p.epoch_s:.0f} s per epoch of {p.steps_per_epoch} steps, test pass {p.test_s:.1f} s: "
+        f"{manual.NUM_EPOCHS} epochs = {p.total_s:.0f} s projected",
         flush=True,
     )
     return {
         "folder": args.data == "folder",
-        "setup_s": setup_s,
-        "epoch_s": epoch_s,
-        "test_s": test_s,
-        "total_s": total,
-        "images_per_s": manual.BATCH_SIZE / step_s,
+        "setup_s": p.setup_s,
+        "epoch_s": p.epoch_s,
+        "test_s": p.test_s,
+        "total_s": p.total_s,
+        "images_per_s": p.images_per_s,
     }
 
 

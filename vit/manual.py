@@ -217,3 +217,40 @@ class Recipe:
                 total_samples += labels.size(0)
                 total_correct += (predicted == labels).sum().item()
         return total_correct / total_samples * 100
+
+
+@dataclass
+class Projection:
+    """The manual's 20 epochs projected from a timed slice: set-up and test pass timed whole (0 when not run)."""
+
+    setup_s: float
+    epoch_s: float
+    test_s: float
+    steps_per_epoch: int
+    images_per_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.setup_s + NUM_EPOCHS * self.epoch_s + self.test_s
+
+
+def project(
+    root: Path | None, device: torch.device, seed: int, warmup: int, steps: int, clock: Callable[[], float], with_test: bool = True
+) -> Projection | None:
+    """Sets up the manual's recipe on ``root`` (an ImageFolder; None: FakeData), trains ``warmup`` + ``steps`` steps
+    and times the last ``steps``, and (``with_test``) its test pass: what the benchmarks project its time from. None
+    when an epoch is shorter than the slice."""
+    start = clock()
+    torch.manual_seed(seed)
+    recipe = Recipe.set_up(*datasets(root, fake_sizes=(50_000, 500)), device)
+    setup_s = clock() - start
+    readings = recipe.time_slice(warmup, steps, clock)
+    if readings is None:
+        return None
+    step_s = (readings[1] - readings[0]) / steps
+    test_s = 0.0
+    if with_test:
+        test_start = clock()
+        recipe.test()
+        test_s = clock() - test_start
+    return Projection(setup_s, step_s * len(recipe.train_loader), test_s, len(recipe.train_loader), BATCH_SIZE / step_s)

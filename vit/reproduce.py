@@ -382,45 +382,32 @@ def row_data(row: Row, overrides: list[str]) -> tuple[str, Path | None]:
 def manual_images_per_s(root: Path | None, seed: int, warmup: int, steps: int, device: str = "cpu") -> float:
     """The manual's loop as printed (``vit.manual``) on ``root`` (an ImageFolder; None: torchvision's FakeData),
     timed over ``steps`` steps after ``warmup``: its training images per second on this machine."""
-    import torch
-
-    from vit import manual
-
-    torch.manual_seed(seed)
-    recipe = manual.Recipe.set_up(*manual.datasets(root, fake_sizes=(50_000, 500)), torch.device(device))
-    readings = recipe.time_slice(warmup, steps, time.perf_counter)
-    if readings is None:
-        raise ConfigError(f"the manual's epoch has fewer than {warmup + steps} steps: lower --manual-warmup/--manual-steps")
-    return manual.BATCH_SIZE * steps / (readings[1] - readings[0])
+    return _projection(root, seed, warmup, steps, device, with_test=False).images_per_s
 
 
 def manual_projection(root: Path | None, seed: int, warmup: int, steps: int, device: str = "cpu") -> tuple[float, float]:
     """(projected seconds of the manual's 20 epochs, its images/s) as ``bench/time_to_accuracy.py`` projects them:
     set-up and test pass timed whole, the epoch from a timed slice."""
+    from vit import manual
+
+    p = _projection(root, seed, warmup, steps, device)
+    print(
+        f"the manual: set-up {p.setup_s:.1f} s, {steps} timed steps at {p.images_per_s:.1f} images/s -> {p.epoch_s:,.0f} s per epoch of "
+        f"{p.steps_per_epoch:,} steps, test pass {p.test_s:.1f} s: {manual.NUM_EPOCHS} epochs = {seconds_text(p.total_s)} projected",
+        flush=True,
+    )
+    return p.total_s, p.images_per_s
+
+
+def _projection(root: Path | None, seed: int, warmup: int, steps: int, device: str, with_test: bool = True) -> Any:
     import torch
 
     from vit import manual
 
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    recipe = manual.Recipe.set_up(*manual.datasets(root, fake_sizes=(50_000, 500)), torch.device(device))
-    setup_s = time.perf_counter() - start
-    readings = recipe.time_slice(warmup, steps, time.perf_counter)
-    if readings is None:
+    p = manual.project(root, torch.device(device), seed, warmup, steps, time.perf_counter, with_test)
+    if p is None:
         raise ConfigError(f"the manual's epoch has fewer than {warmup + steps} steps: lower --manual-warmup/--manual-steps")
-    step_s = (readings[1] - readings[0]) / steps
-    test_start = time.perf_counter()
-    recipe.test()
-    test_s = time.perf_counter() - test_start
-    epoch_s = step_s * len(recipe.train_loader)
-    total = setup_s + manual.NUM_EPOCHS * epoch_s + test_s
-    images_per_s = manual.BATCH_SIZE / step_s
-    print(
-        f"the manual: set-up {setup_s:.1f} s, {steps} timed steps at {images_per_s:.1f} images/s -> {epoch_s:,.0f} s per epoch of "
-        f"{len(recipe.train_loader):,} steps, test pass {test_s:.1f} s: {manual.NUM_EPOCHS} epochs = {seconds_text(total)} projected",
-        flush=True,
-    )
-    return total, images_per_s
+    return p
 
 
 def warm_cache(root: Path, data_dir: Path) -> None:
