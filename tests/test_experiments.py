@@ -45,6 +45,9 @@ def test_presets_say_what_the_issue_asks(make_cfg):
     budget = make_cfg(["experiment=budget"], tiny=False)  # within the manual's budget: its parameters, its 20 epochs, all 50,000
     assert n_params(budget) <= 610_000 and budget.trainer.max_epochs <= 20 and budget.data.val_size == 0
     assert budget.data.train_sizes[-1] == budget.model.img_size and budget.model._target_ == "vit.model.ViT"
+    most = make_cfg(["experiment=budget_max"], tiny=False)  # the most within the same budget: its parameters, its 20 epochs
+    assert n_params(most) <= 610_000 and most.trainer.max_epochs <= 20 and most.data.val_size == 0
+    assert most.data.train_sizes[-1] == most.model.img_size and most.model._target_ == "vit.model.ViT"
 
 
 def n_params(cfg) -> int:
