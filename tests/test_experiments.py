@@ -42,12 +42,10 @@ def test_presets_say_what_the_issue_asks(make_cfg):
     assert fast.model.dynamic_img_size and all(side % fast.model.patch_size == 0 for side in fast.data.train_sizes)
     best = make_cfg(["experiment=cifar_best"], tiny=False)
     assert 4_000_000 <= n_params(best) <= 10_000_000 and best.model.patch_size == 4
-    budget = make_cfg(["experiment=budget"], tiny=False)  # within the manual's budget: its parameters, its 20 epochs, all 50,000
-    assert n_params(budget) <= 610_000 and budget.trainer.max_epochs <= 20 and budget.data.val_size == 0
-    assert budget.data.train_sizes[-1] == budget.model.img_size and budget.model._target_ == "vit.model.ViT"
-    most = make_cfg(["experiment=budget_max"], tiny=False)  # the most within the same budget: its parameters, its 20 epochs
-    assert n_params(most) <= 610_000 and most.trainer.max_epochs <= 20 and most.data.val_size == 0
-    assert most.data.train_sizes[-1] == most.model.img_size and most.model._target_ == "vit.model.ViT"
+    for name in ("budget", "budget_max"):  # within the manual's budget: its parameters, its 20 epochs, all 50,000
+        budget = make_cfg([f"experiment={name}"], tiny=False)
+        assert n_params(budget) <= 610_000 and budget.trainer.max_epochs <= 20 and budget.data.val_size == 0, name
+        assert budget.data.train_sizes[-1] == budget.model.img_size and budget.model._target_ == "vit.model.ViT", name
 
 
 def n_params(cfg) -> int:
