@@ -10,7 +10,8 @@ from tests.conftest import TINY
 from vit.errors import ConfigError
 from vit.model import ViT
 from vit.module import ClassifierModule
-from vit.optim import MuonAdamW, orthogonalize
+from vit.model import MultiHeadAttention
+from vit.optim import MuonAdamW, orthogonalize, split_qkv
 from vit.run import build_for_fit, train
 from vit.zoo import TimmNet
 
@@ -135,6 +136,50 @@ def test_a_matrix_moves_as_torch_muon_moves_it():
     moved = (a - start).abs().mean()
     assert moved > 0.01  # 4 steps of lr 0.02 * 0.2 sqrt(24) on an update whose entries are about 0.2
     torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2)  # torch's runs Newton-Schulz in bfloat16, ours in float32
+
+
+def test_split_qkv_takes_the_rows_the_attention_uses_as_q_k_and_v(monkeypatch):
+    """The model's own forward, fed the identity (no bias), hands scaled_dot_product_attention W_q, W_k and W_v
+    transposed: they must be split_qkv's three blocks."""
+    attention = MultiHeadAttention(emb_size=12, num_heads=3)
+    torch.nn.init.zeros_(attention.qkv.bias)
+    seen = {}
+
+    def capture(q, k, v, **kwargs):
+        seen["qkv"] = (q, k, v)
+        return q
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
+    attention(torch.eye(12)[None])
+    blocks = split_qkv(attention.qkv.weight.detach())
+    for block, used in zip(blocks, seen["qkv"]):
+        torch.testing.assert_close(block.T, used[0].permute(1, 0, 2).reshape(12, 12))  # h n d -> n (h d)
+
+
+def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before():
+    torch.manual_seed(0)
+    net = ViT(**SMALL)
+    twin = copy.deepcopy(net)
+    split = MuonAdamW(net, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, split_qkv=True)
+    fused = MuonAdamW(twin, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    qkv = next(m.qkv.weight for m in net.modules() if isinstance(m, MultiHeadAttention))
+    for model, opt in ((net, split), (twin, fused)):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    start, grad = qkv.detach().clone(), split_qkv(qkv.grad)
+    split.step()
+    fused.step()
+    e = grad.shape[-1]
+    for block, g in zip(split_qkv(qkv.detach() - start), grad):
+        torch.testing.assert_close(block, -0.2 * e**0.5 * orthogonalize(g))
+    moved = dict(twin.named_parameters())
+    for name, p in net.named_parameters():
+        if name.endswith("qkv.weight"):
+            assert not torch.allclose(p, moved[name])  # fused orthogonalisation moves it otherwise
+        else:
+            torch.testing.assert_close(p, moved[name])
+    with pytest.raises(ConfigError, match="optim.split_qkv=true needs the project's ViT"):
+        MuonAdamW([torch.nn.Parameter(torch.zeros(2, 2))], split_qkv=True)
 
 
 def test_state_dict_resumes_where_it_stopped():

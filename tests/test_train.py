@@ -47,6 +47,22 @@ def test_train_then_test_gives_the_same_accuracy(make_cfg, capsys):
     assert json.loads((Path(cfg.paths.output_dir).parent / "test" / "metrics.json").read_text()) == tested
 
 
+def test_an_average_of_the_weights_is_what_the_run_validates_saves_tests_and_resumes(make_cfg):
+    ema = ["callbacks=ema", "callbacks.ema.decay=0.9"]
+    full = make_cfg([*ema, "trainer.max_epochs=2"], run="full")
+    metrics = train(full)
+    saved = torch.load(Path(full.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(not torch.equal(saved["state_dict"][k], saved["current_model_state"][k]) for k in saved["state_dict"])
+    tested = run.test(make_cfg([f"ckpt={full.paths.output_dir}"], name="test", run="test"))  # reads the averaged state_dict
+    assert tested["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    first = make_cfg([*ema, "trainer.max_epochs=1"], run="first")
+    train(first)
+    resumed = make_cfg([*ema, "trainer.max_epochs=2", f"ckpt_path={first.paths.output_dir}"], run="resumed")
+    assert train(resumed) == metrics
+    with pytest.raises(ConfigError, match="callbacks.ema.decay must be between 0 and 1"):
+        train(make_cfg(["callbacks=ema", "callbacks.ema.decay=1"], run="bad"))
+
+
 def test_val_size_zero_keeps_the_last_epoch(make_cfg):
     cfg = make_cfg(["data.val_size=0", "trainer.max_epochs=2"])
     metrics = train(cfg)

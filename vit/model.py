@@ -169,11 +169,14 @@ class MultiHeadAttention(nn.Module):
         self.att_drop = nn.Dropout(dropout)
         self.projection = nn.Linear(emb_size, emb_size)
 
+    # How the fused projection's outputs (and so the rows of ``qkv.weight``) hold q, k and v: interleaved, qkv the
+    # fastest axis, as the manual's code lays them out. optim=muon reads it to orthogonalise q, k and v apart.
+    QKV_LAYOUT = "(h d qkv)"
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``mask``: bool, broadcastable to (b, h, q, k); True where a query may attend to a key."""
-        # b n (h d qkv) -> qkv b h n d
         # one copy makes q, k and v contiguous, which the fused CPU and GPU kernels need (qkv is the fastest axis here)
-        queries, keys, values = rearrange(self.qkv(x), "b n (h d qkv) -> qkv b h n d", h=self.num_heads, qkv=3).contiguous()
+        queries, keys, values = rearrange(self.qkv(x), f"b n {self.QKV_LAYOUT} -> qkv b h n d", h=self.num_heads, qkv=3).contiguous()
         # The manual's formula is softmax(q k^T) / sqrt(emb_size): a softmax at scale 1, then a constant factor.
         scale = 1.0 if self.seed_attention else None
         if self.fused and not self.keep_attention:

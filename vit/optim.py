@@ -7,10 +7,11 @@ import math
 from collections.abc import Iterable
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from vit.errors import ConfigError
-from vit.model import ClassificationHead
+from vit.model import ClassificationHead, MultiHeadAttention
 
 # Newton-Schulz coefficients of Muon (Jordan et al. 2024), as torch.optim.Muon uses them.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -53,16 +54,32 @@ def split_for_muon(net: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
 
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """(m, n) -> (m, n): close to the nearest semi-orthogonal matrix U V^T of g = U S V^T (Newton-Schulz iterations)."""
+    """(..., m, n) -> (..., m, n): each matrix close to the nearest semi-orthogonal matrix U V^T of g = U S V^T
+    (Newton-Schulz iterations)."""
     a, b, c = NS_COEFFICIENTS
-    x = g / (g.norm() + eps)
-    tall = x.shape[0] > x.shape[1]
+    x = g / ((g.norm() if g.ndim == 2 else g.norm(dim=(-2, -1), keepdim=True)) + eps)
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the short side: (n, n) products instead of (m, m)
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
+
+
+def fused_qkv_weights(net: nn.Module) -> set[int]:
+    """The ids of the net's fused q/k/v projection weights (the project's ``MultiHeadAttention.qkv``)."""
+    return {id(m.qkv.weight) for m in net.modules() if isinstance(m, MultiHeadAttention)}
+
+
+def split_qkv(w: Tensor) -> Tensor:
+    """(3e, e) -> (3, e, e): a fused projection's rows as the q, k and v matrices (``MultiHeadAttention.QKV_LAYOUT``)."""
+    return rearrange(w, f"{MultiHeadAttention.QKV_LAYOUT} e -> qkv (h d) e", h=1, qkv=3)
+
+
+def merge_qkv(w: Tensor) -> Tensor:
+    """(3, e, e) -> (3e, e): ``split_qkv`` undone."""
+    return rearrange(w, f"qkv (h d) e -> {MultiHeadAttention.QKV_LAYOUT} e", h=1)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -76,7 +93,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     ``params``: the net (an ``nn.Module``: the module passes it, see ``takes_module``), routed by module
     (``split_for_muon``); a net with no hidden weight matrices is refused (it would train as AdamW under Muon's
-    name). Plain parameters are routed by shape alone (2-D to Muon; none 2-D: AdamW).
+    name). Plain parameters are routed by shape alone (2-D to Muon; none 2-D: AdamW). ``split_qkv``: orthogonalise
+    the fused q/k/v projection of each ``MultiHeadAttention`` as three matrices, as Muon's authors treat q, k and v,
+    rather than one (3e, e) matrix; each is then scaled as an (e, e) matrix.
     """
 
     takes_module = True
@@ -91,6 +110,7 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
+        split_qkv: bool = False,
     ):
         if not lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {lr}")
@@ -112,7 +132,14 @@ class MuonAdamW(torch.optim.Optimizer):
         else:
             plain = [p for p in _plain(params) if p.requires_grad]
             muon, adamw = [p for p in plain if p.ndim == 2], [p for p in plain if p.ndim != 2]
-        groups = [{"params": muon, "muon": True}, {"params": adamw, "muon": False}]
+        fused = fused_qkv_weights(params) if isinstance(params, nn.Module) and split_qkv else set()
+        if split_qkv and not fused:
+            raise ConfigError("optim.split_qkv=true needs the project's ViT (model=vit_cifar): this model has no fused q/k/v projection to split")
+        groups = [
+            {"params": [p for p in muon if id(p) not in fused], "muon": True},
+            *([{"params": [p for p in muon if id(p) in fused], "muon": True, "split_qkv": True}] if fused else []),
+            {"params": adamw, "muon": False},
+        ]
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__([g for g in groups if g["params"]], defaults)
 
@@ -142,7 +169,11 @@ class MuonAdamW(torch.optim.Optimizer):
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1 - mu)
         update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-        p.add_(orthogonalize(update, group["ns_steps"]), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        if group.get("split_qkv"):
+            update = split_qkv(update)
+            p.add_(merge_qkv(orthogonalize(update, group["ns_steps"])), alpha=-lr * 0.2 * math.sqrt(max(update.shape[-2:])))
+        else:
+            p.add_(orthogonalize(update, group["ns_steps"]), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
     @staticmethod
     def _adamw_update(p: Tensor, state: dict, group: dict, lr: float) -> None:
