@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import make_image_folder, run_script
-from vit import run
+from vit import callbacks, run
 from vit.cli import run_reporting_errors
 from vit.errors import ConfigError
 from vit.run import train
@@ -45,6 +45,22 @@ def test_train_then_test_gives_the_same_accuracy(make_cfg, capsys):
     assert tested["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert tested["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
     assert json.loads((Path(cfg.paths.output_dir).parent / "test" / "metrics.json").read_text()) == tested
+
+
+def test_the_average_of_the_weights_forgets_the_initial_ones():
+    """A parameter at 1.0 that jumps to 0.0 and stays there: the init's share of the average after 300 updates is
+    what the warmup recursion gives, and nothing like the 0.999^300 = 74% a fixed decay keeps."""
+    p = torch.nn.Parameter(torch.ones(1))
+    averaged = torch.optim.swa_utils.AveragedModel(torch.nn.ParameterList([p]), avg_fn=callbacks.ema_with_warmup(0.999))
+    averaged.update_parameters(torch.nn.ParameterList([p]))  # the first update copies the init
+    share = 1.0
+    with torch.no_grad():
+        p.zero_()
+    for n in range(1, 301):
+        averaged.update_parameters(torch.nn.ParameterList([p]))
+        share *= min(0.999, (1 + n) / (10 + n))
+    assert float(averaged.module[0]) == pytest.approx(share, rel=1e-4)
+    assert share < 0.05
 
 
 def test_an_average_of_the_weights_is_what_the_run_validates_saves_tests_and_resumes(make_cfg):

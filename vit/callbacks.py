@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from torch import Tensor
 
 from vit.errors import ConfigError
 
@@ -119,20 +121,34 @@ class StopOnNonFiniteLoss(Callback):
         )
 
 
-class WeightEMA(EMAWeightAveraging):
-    """An exponential moving average of the weights (``callbacks=ema``): validated, checkpointed and tested in place
-    of the raw weights, the speed runs' cheap lever against a last epoch's noise.
+def ema_with_warmup(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """AveragedModel's ``avg_fn``: an exponential moving average whose decay grows as min(decay, (1 + n) / (10 + n))
+    with the n updates so far (timm's ModelEma warmup), so the average forgets the random initial weights. A fixed
+    decay of 0.999 keeps 0.999^n of them: 12% after 2,100 steps, where a run of ours had 38% on validation against
+    73% without the average."""
 
-    Lightning's ``EMAWeightAveraging``, with one fix: Lightning keeps the average after fitting, so the test that
-    follows in the same Trainer would load the checkpoint's raw weights (its ``current_model_state``) over the
-    averaged ones, and the run's ``test/acc`` would not be the average's. Here the average ends with the fit, and a
-    checkpoint read outside fitting keeps the averaged ``state_dict``, as ``test.py`` reads it.
+    def update(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        n = num_averaged.to(averaged.dtype)
+        return torch.lerp(averaged, current, 1 - torch.clamp((1 + n) / (10 + n), max=decay))
+
+    return update
+
+
+class WeightEMA(WeightAveraging):
+    """An exponential moving average of the weights (``callbacks=ema``), updated after every optimizer step and
+    validated, checkpointed and tested in place of the raw weights: the speed runs' cheap lever against the noise of
+    the last steps. Its decay warms up (``ema_with_warmup``).
+
+    Lightning's ``WeightAveraging``, with one fix: Lightning keeps the average after fitting, so the test that follows
+    in the same Trainer would load the checkpoint's raw weights (its ``current_model_state``) over the averaged ones,
+    and the run's ``test/acc`` would not be the average's. Here the average ends with the fit, and a checkpoint read
+    outside fitting keeps the averaged ``state_dict``, as ``test.py`` reads it.
     """
 
     def __init__(self, decay: float = 0.999) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"callbacks.ema.decay must be between 0 and 1 (0.999: an average over about 1,000 steps), got {decay!r}")
-        super().__init__(decay=decay)  # updated after every optimizer step, from the first
+        super().__init__(avg_fn=ema_with_warmup(decay))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
