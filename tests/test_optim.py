@@ -8,9 +8,8 @@ import torch
 
 from tests.conftest import TINY
 from vit.errors import ConfigError
-from vit.model import ViT
+from vit.model import MultiHeadAttention, ViT
 from vit.module import ClassifierModule
-from vit.model import MultiHeadAttention
 from vit.optim import MuonAdamW, orthogonalize, split_qkv
 from vit.run import build_for_fit, train
 from vit.zoo import TimmNet
@@ -164,7 +163,7 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
     fused = MuonAdamW(twin, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     qkv = next(m.qkv.weight for m in net.modules() if isinstance(m, MultiHeadAttention))
-    for model, opt in ((net, split), (twin, fused)):
+    for model in (net, twin):
         torch.nn.functional.cross_entropy(model(x), y).backward()
     start, grad = qkv.detach().clone(), split_qkv(qkv.grad)
     split.step()
