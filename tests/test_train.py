@@ -59,7 +59,7 @@ def test_the_average_of_the_weights_forgets_the_initial_ones():
     for n in range(1, 301):
         averaged.update_parameters(torch.nn.ParameterList([p]))
         share *= min(0.999, (1 + n) / (10 + n))
-    assert float(averaged.module[0]) == pytest.approx(share, rel=1e-4)
+    assert averaged.module[0].item() == pytest.approx(share, rel=1e-4)
     assert share < 0.05
 
 
