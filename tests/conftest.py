@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+# Started in the background (`nohup pytest &`), this process and every child ignore SIGINT, and the Ctrl-C tests
+# would fail for that alone: a handler set here is reset to the default in each child it starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread per worker (and its subprocesses), not two each on 2 cores
     os.environ["OMP_NUM_THREADS"] = "1"

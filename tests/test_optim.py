@@ -10,7 +10,7 @@ from tests.conftest import TINY
 from vit.errors import ConfigError
 from vit.model import MultiHeadAttention, ViT
 from vit.module import ClassifierModule
-from vit.optim import MuonAdamW, orthogonalize, split_qkv
+from vit.optim import MuonAdamW, orthogonalize, qkv_blocks
 from vit.run import build_for_fit, train
 from vit.zoo import TimmNet
 
@@ -139,7 +139,7 @@ def test_a_matrix_moves_as_torch_muon_moves_it():
 
 def test_split_qkv_takes_the_rows_the_attention_uses_as_q_k_and_v(monkeypatch):
     """The model's own forward, fed the identity (no bias), hands scaled_dot_product_attention W_q, W_k and W_v
-    transposed: they must be split_qkv's three blocks."""
+    transposed: they must be qkv_blocks' three blocks."""
     attention = MultiHeadAttention(emb_size=12, num_heads=3)
     torch.nn.init.zeros_(attention.qkv.bias)
     seen = {}
@@ -150,7 +150,7 @@ def test_split_qkv_takes_the_rows_the_attention_uses_as_q_k_and_v(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
     attention(torch.eye(12)[None])
-    blocks = split_qkv(attention.qkv.weight.detach())
+    blocks = qkv_blocks(attention.qkv.weight.detach())
     for block, used in zip(blocks, seen["qkv"]):
         torch.testing.assert_close(block.T, used[0].permute(1, 0, 2).reshape(12, 12))  # h n d -> n (h d)
 
@@ -165,11 +165,11 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
     qkv = next(m.qkv.weight for m in net.modules() if isinstance(m, MultiHeadAttention))
     for model in (net, twin):
         torch.nn.functional.cross_entropy(model(x), y).backward()
-    start, grad = qkv.detach().clone(), split_qkv(qkv.grad)
+    start, grad = qkv.detach().clone(), qkv_blocks(qkv.grad)
     split.step()
     fused.step()
     e = grad.shape[-1]
-    for block, g in zip(split_qkv(qkv.detach() - start), grad):
+    for block, g in zip(qkv_blocks(qkv.detach() - start), grad):
         torch.testing.assert_close(block, -0.2 * e**0.5 * orthogonalize(g))
     moved = dict(twin.named_parameters())
     for name, p in net.named_parameters():
@@ -179,6 +179,34 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
             torch.testing.assert_close(p, moved[name])
     with pytest.raises(ConfigError, match="optim.split_qkv=true needs the project's ViT"):
         MuonAdamW([torch.nn.Parameter(torch.zeros(2, 2))], split_qkv=True)
+
+
+def test_muon_convs_orthogonalises_every_conv_but_the_first_as_a_matrix():
+    torch.manual_seed(0)
+    net = ViT(**{**SMALL, "stem_channels": [8, 16]})
+    twin = copy.deepcopy(net)
+    opt = MuonAdamW(net, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, muon_convs=True)
+    plain = MuonAdamW(twin, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for model in (net, twin):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    starts, grads = [w.detach().clone() for w in convs], [w.grad.clone() for w in convs]
+    opt.step()
+    plain.step()
+    assert len(convs) == 3  # two stem convs and the patch projection
+    moved = dict(twin.named_parameters())
+    first = next(name for name, p in net.named_parameters() if p is convs[0])
+    torch.testing.assert_close(convs[0], moved[first])  # the first conv: AdamW's step, as without the option
+    for w, start, g in zip(convs[1:], starts[1:], grads[1:]):
+        matrix = g.flatten(1)
+        expected = -0.2 * max(matrix.shape) ** 0.5 * orthogonalize(matrix).view_as(g)
+        torch.testing.assert_close(w.detach() - start, expected)
+    for name, p in net.named_parameters():
+        if all(p is not w for w in convs[1:]):
+            torch.testing.assert_close(p, moved[name])
+    with pytest.raises(ConfigError, match="optim.muon_convs=true needs a net with at least two convolutions"):
+        MuonAdamW(ViT(**{**SMALL, "stem_channels": []}), muon_convs=True)  # the patch projection alone: it reads the image
 
 
 def test_state_dict_resumes_where_it_stopped():

@@ -67,18 +67,25 @@ def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return x.mT if tall else x
 
 
+def hidden_conv_weights(net: nn.Module) -> set[int]:
+    """The ids of the net's convolution weights but the first conv's (the one that reads the image): the stem's
+    hidden convolutions and the patch projection, maps between features as the Linear weights are."""
+    convs = [m.weight for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.weight.requires_grad]
+    return {id(w) for w in convs[1:]}
+
+
 def fused_qkv_weights(net: nn.Module) -> set[int]:
     """The ids of the net's fused q/k/v projection weights (the project's ``MultiHeadAttention.qkv``)."""
     return {id(m.qkv.weight) for m in net.modules() if isinstance(m, MultiHeadAttention)}
 
 
-def split_qkv(w: Tensor) -> Tensor:
+def qkv_blocks(w: Tensor) -> Tensor:
     """(3e, e) -> (3, e, e): a fused projection's rows as the q, k and v matrices (``MultiHeadAttention.QKV_LAYOUT``)."""
     return rearrange(w, f"{MultiHeadAttention.QKV_LAYOUT} e -> qkv (h d) e", h=1, qkv=3)
 
 
-def merge_qkv(w: Tensor) -> Tensor:
-    """(3, e, e) -> (3e, e): ``split_qkv`` undone."""
+def qkv_fused(w: Tensor) -> Tensor:
+    """(3, e, e) -> (3e, e): ``qkv_blocks`` undone."""
     return rearrange(w, f"qkv (h d) e -> {MultiHeadAttention.QKV_LAYOUT} e", h=1)
 
 
@@ -95,7 +102,9 @@ class MuonAdamW(torch.optim.Optimizer):
     (``split_for_muon``); a net with no hidden weight matrices is refused (it would train as AdamW under Muon's
     name). Plain parameters are routed by shape alone (2-D to Muon; none 2-D: AdamW). ``split_qkv``: orthogonalise
     the fused q/k/v projection of each ``MultiHeadAttention`` as three matrices, as Muon's authors treat q, k and v,
-    rather than one (3e, e) matrix; each is then scaled as an (e, e) matrix.
+    rather than one (3e, e) matrix; each is then scaled as an (e, e) matrix. ``muon_convs``: every convolution but
+    the first (``hidden_conv_weights``) under Muon too, its (out, in, kh, kw) weight orthogonalised as an
+    (out, in kh kw) matrix, as airbench94_muon trains its convolutions; the first stays with AdamW.
     """
 
     takes_module = True
@@ -111,6 +120,7 @@ class MuonAdamW(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         split_qkv: bool = False,
+        muon_convs: bool = False,
     ):
         if not lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {lr}")
@@ -132,6 +142,12 @@ class MuonAdamW(torch.optim.Optimizer):
         else:
             plain = [p for p in _plain(params) if p.requires_grad]
             muon, adamw = [p for p in plain if p.ndim == 2], [p for p in plain if p.ndim != 2]
+        convs = hidden_conv_weights(params) if isinstance(params, nn.Module) and muon_convs else set()
+        if muon_convs and not convs:
+            raise ConfigError(
+                "optim.muon_convs=true needs a net with at least two convolutions (model.stem_channels=[...]): this one has none to move to Muon"
+            )
+        muon, adamw = muon + [p for p in adamw if id(p) in convs], [p for p in adamw if id(p) not in convs]
         fused = fused_qkv_weights(params) if isinstance(params, nn.Module) and split_qkv else set()
         if split_qkv and not fused:
             raise ConfigError("optim.split_qkv=true needs the project's ViT (model=vit_cifar): this model has no fused q/k/v projection to split")
@@ -170,10 +186,11 @@ class MuonAdamW(torch.optim.Optimizer):
         buf.lerp_(p.grad, 1 - mu)
         update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
         if group.get("split_qkv"):
-            update = split_qkv(update)
-            p.add_(merge_qkv(orthogonalize(update, group["ns_steps"])), alpha=-lr * 0.2 * math.sqrt(max(update.shape[-2:])))
-        else:
-            p.add_(orthogonalize(update, group["ns_steps"]), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+            update = qkv_blocks(update)
+            p.add_(qkv_fused(orthogonalize(update, group["ns_steps"])), alpha=-lr * 0.2 * math.sqrt(max(update.shape[-2:])))
+        else:  # a conv's (out, in, kh, kw) as (out, in kh kw)
+            matrix = update.flatten(1)
+            p.add_(orthogonalize(matrix, group["ns_steps"]).view_as(p), alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
 
     @staticmethod
     def _adamw_update(p: Tensor, state: dict, group: dict, lr: float) -> None:
