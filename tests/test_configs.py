@@ -58,7 +58,9 @@ def test_model_configs_give_the_manuals_models(make_cfg):
 @pytest.mark.parametrize("option", options("optim"))
 def test_optim_options_instantiate(make_cfg, option):
     cfg = make_cfg([f"optim={option}"])
-    optimizer = instantiate(cfg.optim)(params=[torch.nn.Parameter(torch.zeros(2))])
+    factory = instantiate(cfg.optim)
+    net = ViT(patch_size=8, emb_size=16, img_size=32, depth=1, n_classes=10, num_heads=2, stem_channels=[4])  # two convs: muon_convs has one to take
+    optimizer = factory(params=net if getattr(factory.func, "takes_module", False) else net.parameters())
     assert optimizer.param_groups[0]["lr"] == cfg.optim.lr
 
 
