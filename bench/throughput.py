@@ -6,24 +6,29 @@ what that buys, and what Lightning and the data path still cost, by timing in on
 the other and from the same seed:
 
 - bare step: the same net and Adam on one pre-made batch already on the device, no Lightning and no
-  DataLoader; the ceiling for ``ours`` at the same batch size;
+  DataLoader, in the precision ``ours`` trains in; the ceiling for ``ours`` at the same batch size;
 - reference: the manual's code as printed, ``vit.manual`` (its classes, torchvision data set with its PIL
   transform, ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``, Adam 1e-3, ``CrossEntropyLoss``,
-  ``running_loss += loss.item()``; fp16 autocast and a GradScaler on CUDA);
+  ``running_loss += loss.item()``; fp16 autocast and a GradScaler on CUDA, which on a CPU run fp32), at its
+  batch 32 and at the larger batch;
 - ours: the DataModule, net, LightningModule and Trainer built from the project's Hydra config the
   way ``python train.py`` builds them (TensorBoard logger, progress bar and the default callbacks
-  included, into a temporary directory), with checkpoint files and validation off;
-- ours with ``model.compile=true`` (``torch.compile``), at the manual's batch and at a larger one;
+  included, into a temporary directory), with checkpoint files and validation off; in the precision
+  ``trainer.precision=null`` picks for the device (``vit.precision``: bf16-mixed on a CPU with native bf16)
+  or ``--precision``, with the attention kernel the rule picks for it (``vit.model.sdpa_is_faster``);
+- ours with ``model.compile=true`` (``torch.compile``), at the manual's batch and at a larger one
+  (``model.compile=auto``, the default, compiles long CPU runs in bf16: ``vit.builders.compile_pays``);
 - ours at best settings: a larger batch.
 
-The reference's net is the manual's own classes: its attention formula by einsum and softmax. Ours and
-the bare step use the config's attention: correct, through ``F.scaled_dot_product_attention`` (the fused kernels).
+Each variant is timed ``--rounds`` times, the rounds interleaved, and the table gives the median and the spread: on a
+shared 2-core machine one timing can be 20% off. ``--ops N`` then profiles bare and ours once more and prints where
+their steps go.
 
 Only steady-state steps are timed: the clock is read at the start of step ``warmup`` and of step
 ``warmup + steps``, so start-up, worker spawn, allocator growth and compilation are left out (the
 warm-up column shows what they took). Figures are printed, never asserted.
 
-    python bench/throughput.py --device cpu --steps 100 --warmup 10 --data folder
+    python bench/throughput.py --device cpu --steps 100 --warmup 10 --data folder --best-batch 64 --skip compile --ops 12
 
 ``--flops``, the distance to the limit, instead: for the manual's net (Adam, batch 32) and the ``fast`` (AdamW) and
 ``budget`` (MuonAdamW) nets at each of their training sizes (their batch, 128), the FLOPs of one training step per image
@@ -46,6 +51,7 @@ import json
 import logging
 import math
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -62,6 +68,7 @@ from torch.utils import flop_counter
 from vit import checkpoints, manual
 from vit.builders import build_callbacks, build_net, build_trainer, instantiate, module_factory
 from vit.errors import ConfigError
+from vit.precision import resolve_precision
 from vit.reproduce import cpu_name
 from vit.run import build_for_fit
 
@@ -81,6 +88,7 @@ class Row:
     warmup_s: float | None
     peak_mem: str
     note: str = ""
+    spread: str = ""  # min-max of images/s over the rounds
 
 
 def now(device: torch.device) -> float:
@@ -121,8 +129,8 @@ class Stopwatch(L.Callback):
     covers exactly ``steps`` whole iterations of Lightning's loop.
     """
 
-    def __init__(self, warmup: int, steps: int, device: torch.device):
-        self.warmup, self.steps, self.device = warmup, steps, device
+    def __init__(self, warmup: int, steps: int, device: torch.device, ops: OpsProfile | None = None):
+        self.warmup, self.steps, self.device, self.ops = warmup, steps, device, ops
         self.fit_start: float | None = None
         self.start: float | None = None
         self.end: float | None = None
@@ -133,8 +141,12 @@ class Stopwatch(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup:
             self.start = now(self.device)
+            if self.ops:
+                self.ops.start()
         elif batch_idx == self.warmup + self.steps:
             self.end = now(self.device)
+            if self.ops:
+                self.ops.stop()
 
 
 def compose_run(args: argparse.Namespace, output_dir: Path, overrides: list[str]) -> DictConfig:
@@ -154,6 +166,8 @@ def compose_run(args: argparse.Namespace, output_dir: Path, overrides: list[str]
     ]
     if args.data == "folder":
         shared.append(f"data.root={args.root}")
+    if args.precision is not None:
+        shared.append(f"trainer.precision={args.precision}")
     if args.data_dir is not None:
         shared.append(f"paths.data_dir={args.data_dir.resolve()}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -175,6 +189,33 @@ def compose_config(args: argparse.Namespace, batch: int, n_batches: int, output_
     return compose_run(args, output_dir, overrides)
 
 
+class OpsProfile:
+    """``--ops N``: torch.profiler over the timed steps of a variant, then its top N ops by self CPU time per step."""
+
+    def __init__(self, args: argparse.Namespace, what: str, steps: int):
+        self.top, self.what, self.steps, self.prof = args.ops, what, steps, None
+
+    def start(self) -> None:
+        if self.top:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+
+    def stop(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        ops: dict[str, float] = {}
+        for event in self.prof.events():
+            ops[event.name] = ops.get(event.name, 0.0) + event.self_cpu_time_total
+        total = sum(ops.values())
+        print(f"\nprofile: {self.what}, {total / self.steps / 1e3:.0f} ms of CPU time per step (all ops, self time), under the profiler")
+        for name, t in sorted(ops.items(), key=lambda kv: -kv[1])[: self.top]:
+            print(f"  {t / self.steps / 1e3:8.1f} ms  {100 * t / total:5.1f}%  {name}")
+        self.prof = None
+
+
 def run_bare(args: argparse.Namespace, batch: int) -> Row:
     """The ceiling: the project's net and optimizer on one random batch already on the device."""
     device = args.device
@@ -182,22 +223,26 @@ def run_bare(args: argparse.Namespace, batch: int) -> Row:
     L.seed_everything(args.seed, verbose=False)
     net = build_net(cfg.model, 10).to(device)
     optimizer = instantiate(cfg.optim, "optim")(params=net.parameters())
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    precision = str(resolve_precision(cfg.trainer))  # what ``ours`` trains in: the bare step runs the same
+    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     net.train()
     reset_peak_memory(device)
     begin = now(device)
     start = end = None
+    ops = OpsProfile(args, f"bare step, batch {batch}, {precision}", timed_steps(args, batch))
     for i in range(args.warmup + timed_steps(args, batch) + 1):
         if i == args.warmup:
             start = now(device)
+            ops.start()
         if i == args.warmup + timed_steps(args, batch):
             end = now(device)
+            ops.stop()
             break
         optimizer.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.cross_entropy(net(x), y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -232,7 +277,7 @@ def run_ours(args: argparse.Namespace, batch: int, compiled: bool = False) -> Ro
     datamodule, _, module = build_for_fit(cfg)
     if len(datamodule.train_dataloader()) < n_batches:
         raise SystemExit(f"{name}: one epoch has fewer than {n_batches} batches of {batch}: lower --warmup/--steps/--best-steps")
-    stopwatch = Stopwatch(args.warmup, steps, device)
+    stopwatch = Stopwatch(args.warmup, steps, device, OpsProfile(args, f"{name}, batch {batch}, {build_trainer_precision(cfg)}", steps))
     trainer = build_trainer(cfg, [*build_callbacks(cfg), stopwatch])
     reset_peak_memory(device)
     if not compiled:
@@ -247,21 +292,56 @@ def run_ours(args: argparse.Namespace, batch: int, compiled: bool = False) -> Ro
     return Row(name, batch, rate, stopwatch.start - stopwatch.fit_start, peak_memory(device))
 
 
+def build_trainer_precision(cfg: DictConfig) -> str:
+    return str(resolve_precision(cfg.trainer, say=False))
+
+
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per variant and batch, in first-run order: the median images/s over the rounds, and their spread."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.variant, r.batch), []).append(r)
+    merged = []
+    for (variant, batch), group in groups.items():
+        rates = sorted(r.images_per_s for r in group if r.images_per_s)
+        warmups = sorted(r.warmup_s for r in group if r.warmup_s is not None)
+        rate = statistics.median(rates) if rates else None
+        spread = f"{rates[0]:,.0f}-{rates[-1]:,.0f} ({len(rates)})" if len(rates) > 1 else ""
+        warmup = statistics.median(warmups) if warmups else None
+        merged.append(Row(variant, batch, rate, warmup, group[-1].peak_mem, group[-1].note, spread))
+    return merged
+
+
 def print_table(rows: list[Row]) -> None:
-    """variant | batch | images/s | vs reference | vs bare step (same batch) | peak mem | warm-up | note."""
-    reference = next((r.images_per_s for r in rows if r.variant.startswith("reference")), None)
+    """variant | batch | images/s (median of the rounds) | spread | vs the manual's loop at its batch 32 (``--batch``) | vs the
+    manual's loop at the same batch | vs bare step (same batch) | peak mem | warm-up | note."""
+    references = {r.batch: r.images_per_s for r in rows if r.variant.startswith("reference")}
+    reference = next(iter(references.values()), None)
     bare = {r.batch: r.images_per_s for r in rows if r.variant == "bare step"}
 
     def ratio(value: float | None, base: float | None) -> str:
         return f"{value / base:.2f}x" if value and base else "-"
 
-    header = ("variant", "batch", "images/s", "vs reference", "vs bare step", "peak mem", "warm-up", "note")
+    header = (
+        "variant",
+        "batch",
+        "images/s",
+        "spread (rounds)",
+        "vs manual's loop",
+        "vs manual, same batch",
+        "vs bare step",
+        "peak mem",
+        "warm-up",
+        "note",
+    )
     lines = [
         (
             r.variant,
             str(r.batch),
             f"{r.images_per_s:,.0f}" if r.images_per_s else "n/a",
+            r.spread,
             ratio(r.images_per_s, reference),
+            ratio(r.images_per_s, references.get(r.batch)),
             ratio(r.images_per_s, bare.get(r.batch)),
             r.peak_mem,
             f"{r.warmup_s:.1f} s" if r.warmup_s is not None else "-",
@@ -581,12 +661,21 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
+        "--precision",
+        default=None,
+        help="trainer.precision of ours and the bare step (default: the config's null, chosen for the device: vit/precision.py)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch.set_num_threads (default: torch's); on a shared CPU, fewer threads than free cores avoids OpenMP stalls",
     )
     parser.add_argument("--skip", nargs="+", choices=VARIANTS, default=[], help="variants to leave out")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each variant is timed, interleaved with the others; the table gives medians (default 3)"
+    )
+    parser.add_argument("--ops", type=int, default=0, help="after the rounds, profile bare and ours once each and print their top N ops")
     flops = parser.add_argument_group("the distance to the limit (instead of the variants; no data is read)")
     flops.add_argument(
         "--flops",
@@ -604,8 +693,8 @@ def parse_args() -> argparse.Namespace:
     flop_mode = args.flops or bool(args.run_dir) or bool(args.profile)
     args.steps = args.steps if args.steps is not None else 20 if flop_mode else 100
     args.warmup = args.warmup if args.warmup is not None else 5 if flop_mode else 10
-    if min(args.steps, args.batch, args.best_batch) < 1 or args.warmup < 0 or (args.best_steps is not None and args.best_steps < 1):
-        parser.error("--steps, --batch, --best-batch, --best-steps must be >= 1 and --warmup >= 0")
+    if min(args.steps, args.batch, args.best_batch, args.rounds) < 1 or args.warmup < 0 or (args.best_steps is not None and args.best_steps < 1):
+        parser.error("--steps, --batch, --best-batch, --best-steps, --rounds must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
     args.root = args.root.resolve()
@@ -632,8 +721,8 @@ def main() -> None:
     if args.flop_mode:
         run_flops(args)
         return
-    precision = "16-mixed (autocast fp16 + GradScaler)" if args.device.type == "cuda" else "32-true"
-    print(f"device: {device_name(args.device)}; precision: {precision}")
+    trainer = {"accelerator": "gpu" if args.device.type == "cuda" else "cpu", "precision": args.precision}
+    print(f"device: {device_name(args.device)}; precision of ours and the bare step: {resolve_precision(trainer)} (the manual's loop: as printed)")
     print(
         f"data: {args.data}{' ' + str(args.root) if args.data == 'folder' else ''}; warm-up {args.warmup} steps, "
         f"timed {timed_steps(args, args.batch)} steps at batch {args.batch}, {timed_steps(args, args.best_batch)} at batch {args.best_batch}; "
@@ -649,19 +738,31 @@ def main() -> None:
             ("reference", lambda: run_reference(args, args.batch)),
             ("ours", lambda: run_ours(args, args.batch)),
         ]
-        if "best" not in args.skip and args.best_batch != args.batch:
-            plan += [("bare", lambda: run_bare(args, args.best_batch)), ("best", lambda: run_ours(args, args.best_batch))]
+        if args.best_batch != args.batch:
+            plan += [
+                ("bare", lambda: run_bare(args, args.best_batch)),
+                ("reference", lambda: run_reference(args, args.best_batch)),
+                ("best", lambda: run_ours(args, args.best_batch)),
+            ]
         plan.append(("compile", lambda: run_ours(args, args.batch, compiled=True)))
-        if "best" not in args.skip and args.best_batch != args.batch:
+        if args.best_batch != args.batch:
             plan.append(("compile", lambda: run_ours(args, args.best_batch, compiled=True)))
-        for variant, run in plan:
-            if variant in args.skip:
-                continue
-            rows.append(run())
-            r = rows[-1]
-            print(f"  done: {r.variant}, batch {r.batch}: {f'{r.images_per_s:,.0f} images/s' if r.images_per_s else r.note}", flush=True)
+        ops, args.ops = args.ops, 0  # profiled after the timed rounds: the profiler slows what it watches
+        for round_ in range(args.rounds):
+            for variant, run in plan:
+                if variant in args.skip:
+                    continue
+                rows.append(run())
+                r = rows[-1]
+                rate = f"{r.images_per_s:,.0f} images/s" if r.images_per_s else r.note
+                print(f"  round {round_ + 1}/{args.rounds} done: {r.variant}, batch {r.batch}: {rate}", flush=True)
+        if ops:
+            args.ops = ops
+            for variant, run in plan:
+                if variant in ("bare", "ours", "best") and variant not in args.skip:
+                    run()
     print()
-    print_table(rows)
+    print_table(median_rows(rows))
     if args.device.type == "cpu":
         print("peak mem on CPU: this process's peak RSS so far (getrusage cannot be reset), rows in run order")
     print(f"vs bare step: against the bare step at the same batch size. Total wall time: {time.perf_counter() - began:.0f} s")

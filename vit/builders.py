@@ -4,6 +4,8 @@ evaluate; every refusal is a one-line ConfigError that names the config key."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from vit import checkpoints, parallel, signatures, trackers
 from vit.data import ImageDataModule
 from vit.errors import ConfigError, first_line
 from vit.module import ClassifierModule
+from vit.precision import on_cuda, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ def build_net(model_cfg: Any, num_classes: int | None = None, pretrained: bool =
     """
     options = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
     compile_net = options.pop("compile", False)
+    if compile_net not in (True, False, "auto"):
+        raise ConfigError(f"model.compile must be true, false or auto (compiled where it pays: vit.builders.compile_pays), got {compile_net!r}")
     if not pretrained:
         options.update({k: default for k, default in (("pretrained", False), ("pretrained_file", None)) if k in options})
     n_classes = options.get("n_classes")
@@ -58,9 +63,41 @@ def build_net(model_cfg: Any, num_classes: int | None = None, pretrained: bool =
             )
         options["n_classes"] = num_classes
     net = instantiate(options, "model")
-    if compile_net:
+    if compile_net is True:
         net.compile()
     return net
+
+
+# model.compile=auto compiles a CPU run in bf16 of at least this many training steps. Measured on a 2-core AMD EPYC
+# (docs/measurements.md): the manual's net's bf16 step about 1.1x (1.06-1.45x) as fast compiled, in the Lightning path
+# 302 against 270 images/s at batch 32 and 359 against 338 at 64; compiling the training, validation and test graphs
+# cost 64 s of a 600-step run with inductor's cache warm, about 3 minutes cold. From about 5,000 steps that is paid
+# back (the manual's 20 epochs are 28,120 at batch 32; the design card's shortest job, 10 epochs at batch 64, 7,030, so
+# every job of its sweep compiles, and jobs that run compiled share epochs only with compiled ones: vit.sharing). In
+# fp32 a compiled step is no faster (185 against 212 images/s).
+COMPILE_MIN_STEPS = 5_000
+
+
+def compile_pays(precision: str, cuda: bool, steps: int) -> tuple[bool, str]:
+    """Whether ``model.compile=auto`` compiles a run: (yes or no, why), for its log."""
+    if cuda:
+        return False, "on a GPU it is not measured yet: set model.compile=true to compile"
+    if precision != "bf16-mixed":
+        return False, f"a CPU step in {precision} is no faster compiled"
+    if steps < COMPILE_MIN_STEPS:
+        return False, f"{steps} training steps are too few to pay back about a minute of compiling (>= {COMPILE_MIN_STEPS})"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return False, "no C++ compiler here for torch.compile on a CPU (install g++ to compile)"
+    return True, f"a CPU step in bf16 is about 1.1x as fast compiled, which pays back 1-3 minutes of compiling over {steps} steps"
+
+
+def compile_if_it_pays(net: torch.nn.Module, trainer_cfg: Any, steps: int) -> None:
+    """``model.compile=auto``: compiles ``net`` in place where ``compile_pays``; the log says which and why."""
+    yes, why = compile_pays(str(resolve_precision(trainer_cfg, say=False)), on_cuda(trainer_cfg), steps)
+    log.info("model.compile=auto: %s (%s)", "compiling the net" if yes else "not compiling", why)
+    if yes:
+        torch._dynamo.config.suppress_errors = True  # a graph that cannot compile runs eagerly instead of ending the run
+        net.compile()
 
 
 def module_factory(module_cfg: Any) -> Any:
@@ -110,20 +147,6 @@ def check_train_sizes(datamodule: ImageDataModule, net: torch.nn.Module, model_c
     patch = getattr(net, "patch_size", None) or 1
     if any(side % patch for side in sizes):
         raise ConfigError(f"data.train_sizes={sizes} must be multiples of model.patch_size={patch}")
-
-
-def on_cuda(trainer_cfg: Any) -> bool:
-    return torch.cuda.is_available() and trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda")
-
-
-def resolve_precision(trainer_cfg: Any) -> str | int:
-    """An explicit ``trainer.precision`` wins; null means 16-mixed on a CUDA GPU and 32-true elsewhere."""
-    if trainer_cfg.get("precision") is not None:
-        return trainer_cfg.precision
-    if on_cuda(trainer_cfg):
-        return "16-mixed"
-    log.info("No CUDA GPU: running in 32-true precision (16-mixed needs a GPU)")
-    return "32-true"
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -64,8 +64,21 @@ class RunCheckpoint(ModelCheckpoint):
         self.best_k_models = dict(state_dict.get("best_k_models", {}))
         self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
         self.kth_value = state_dict.get("kth_value", self.kth_value)
-        if state_dict.get("dirpath") == self.dirpath:
-            self.last_model_path = state_dict.get("last_model_path", self.last_model_path)
+        # A sweep's job that started from another (vit.sharing) holds copies of that job's checkpoints: the record
+        # names its own copies, so its dir is complete and the files it tests are its own.
+        own = self._own_copy
+        self.best_model_path, self.kth_best_model_path = own(self.best_model_path), own(self.kth_best_model_path)
+        self.best_k_models = {own(path): score for path, score in self.best_k_models.items()}
+        last = own(state_dict.get("last_model_path", ""))
+        if state_dict.get("dirpath") == self.dirpath or (last and self.dirpath and Path(last).parent == Path(self.dirpath)):
+            self.last_model_path = last or self.last_model_path  # written over, not versioned (last-v1.ckpt)
+
+    def _own_copy(self, path: str) -> str:
+        """``path``, or the file of the same name in this run's checkpoint dir where there is one."""
+        if not path or self.dirpath is None:
+            return path
+        copy = Path(self.dirpath) / Path(path).name
+        return str(copy) if copy.is_file() else path
 
     def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
         if self.dirpath is None or Path(previous).resolve().parent != Path(self.dirpath).resolve():

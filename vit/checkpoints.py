@@ -34,6 +34,7 @@ TRAINED_TRAINER_KEYS = ("max_epochs", "accumulate_grad_batches", "gradient_clip_
 # Stored keys that may differ on resume: where data is read from or how it is handled, and evaluation-only settings.
 MAY_DIFFER_ON_RESUME = (
     "model.compile",
+    "model.fused",  # which attention kernel computes the same attention
     "data.data_dir",
     "data.root",
     "data.eval_batch_size",
@@ -103,7 +104,7 @@ def _named_in_run_json(run_dir: Path, folder: Path) -> tuple[Path | None, str | 
     return None, f"{run_json} names the best checkpoint {named}, which is gone (also from {folder})"
 
 
-def resume_from(cfg: DictConfig, stored: dict) -> str | None:
+def resume_from(cfg: DictConfig, stored: dict, path: str | Path | None = None) -> str | None:
     """The checkpoint to resume from, checked: readable, and trained as this run would be.
 
     ``ckpt_path`` is a file, a run dir (where it stopped: ``resume_point``) or ``last`` (the newest earlier run
@@ -111,8 +112,9 @@ def resume_from(cfg: DictConfig, stored: dict) -> str | None:
     Any setting that changes what is trained and differs from the checkpoint's is refused, since it would be
     half-applied (the restored optimizer keeps its learning rate, a schedule its length) while the run records the
     new value. Without a schedule ``trainer.max_epochs`` may change (more epochs, or fewer to stop earlier).
+    ``path``: a checkpoint chosen already (a sweep's job starting from another, ``vit.sharing``), checked the same way.
     """
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = path or cfg.get("ckpt_path")
     if not ckpt_path:
         return None
     path = latest_resume_point(cfg) if ckpt_path == "last" else resume_point(ckpt_path)
@@ -134,14 +136,14 @@ def resume_point(path: str | Path) -> Path:
         raise ConfigError(f"ckpt_path={path} does not exist: give ckpt_path=RUN_DIR or RUN_DIR/checkpoints/last.ckpt")
     if path.is_file():
         return path
-    found = _stop_points(path)
+    found = stop_points(path)
     if not found:
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         raise ConfigError(f"ckpt_path={path}: no last.ckpt or {INTERRUPTED} in {folder}: give ckpt_path=path/to/file.ckpt")
     return max(found, key=lambda f: f.stat().st_mtime)
 
 
-def _stop_points(run_dir: Path) -> list[Path]:
+def stop_points(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     return [f for f in (folder / "last.ckpt", folder / INTERRUPTED) if f.is_file()]
 
@@ -153,7 +155,7 @@ def latest_resume_point(cfg: DictConfig) -> Path:
     found = []
     for config_file in Path(cfg.paths.log_dir).glob("**/.hydra/config.yaml"):
         run_dir = config_file.parent.parent
-        stops = _stop_points(run_dir)
+        stops = stop_points(run_dir)
         if not stops:
             continue
         try:

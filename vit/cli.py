@@ -56,7 +56,11 @@ def log_to_files(message: str) -> None:
 
 # Lightning's messages that say nothing about this run: advertising, the defaults it was given, a deprecation inside Lightning.
 NOISE_LOG = (r"💡 Tip: ", r"`Trainer\(limit_\w+_batches=1\.0\)` was configured so 100% ")
-NOISE_WARNINGS = (r".*LeafSpec.* is deprecated", r"The number of training batches .* is smaller than the logging interval")
+NOISE_WARNINGS = (
+    r".*LeafSpec.* is deprecated",
+    r"Precision bf16-mixed is not supported by the model summary",  # only its size estimate, in MB
+    r"The number of training batches .* is smaller than the logging interval",
+)
 
 
 class DropMessages(logging.Filter):

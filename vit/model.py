@@ -139,9 +139,11 @@ class MultiHeadAttention(nn.Module):
     The manual takes the softmax of the raw scores and then divides by sqrt(emb_size);
     correct attention scales the scores by 1/sqrt(head_dim) before the softmax.
     ``seed_attention=True`` keeps the manual's formula, so weights trained with the
-    manual's code give the manual's outputs. ``fused=False`` takes the plain einsum
-    path, which also keeps the attention weights in ``self.last_attention`` when
-    ``keep_attention`` is set (for inspection); both paths compute the same thing.
+    manual's code give the manual's outputs. ``fused=True`` takes PyTorch's fused
+    ``F.scaled_dot_product_attention``, ``fused=False`` the plain einsum path (which also
+    keeps the attention weights in ``self.last_attention`` when ``keep_attention`` is set,
+    for inspection); ``None`` (the default) the faster of the two for the device and dtype
+    the step runs in (``sdpa_is_faster``). Both paths compute the same thing.
     """
 
     def __init__(
@@ -150,7 +152,7 @@ class MultiHeadAttention(nn.Module):
         num_heads: int = 8,
         dropout: float = 0,
         seed_attention: bool = False,
-        fused: bool = True,
+        fused: bool | None = None,
     ):
         _require(isinstance(num_heads, int) and num_heads > 0, f"num_heads must be a positive integer, got {num_heads!r}")
         _require(
@@ -158,6 +160,7 @@ class MultiHeadAttention(nn.Module):
             f"emb_size={emb_size} is not divisible by num_heads={num_heads}: choose num_heads that divides {emb_size}",
         )
         _require(0 <= dropout < 1, f"attention dropout must be in [0, 1), got {dropout}")
+        _require(fused in (None, True, False), f"fused must be true, false or null (the faster for the device and dtype), got {fused!r}")
         super().__init__()
         self.emb_size = emb_size
         self.num_heads = num_heads
@@ -179,7 +182,8 @@ class MultiHeadAttention(nn.Module):
         queries, keys, values = rearrange(self.qkv(x), f"b n {self.QKV_LAYOUT} -> qkv b h n d", h=self.num_heads, qkv=3).contiguous()
         # The manual's formula is softmax(q k^T) / sqrt(emb_size): a softmax at scale 1, then a constant factor.
         scale = 1.0 if self.seed_attention else None
-        if self.fused and not self.keep_attention:
+        fused = self.fused if self.fused is not None else sdpa_is_faster(queries.device, queries.dtype, queries.shape[-1])
+        if fused and not self.keep_attention:
             out = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, dropout_p=self.att_drop.p if self.training else 0.0, scale=scale
             )
@@ -192,7 +196,9 @@ class MultiHeadAttention(nn.Module):
 
     def _plain_attention(self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
         scale = queries.shape[-1] ** -0.5 if scale is None else scale
-        energy = torch.einsum("bhqd, bhkd -> bhqk", queries, keys) * scale
+        if scale != 1.0:  # on the queries (b h n d), not the scores (b h n n): n / d times fewer multiplications
+            queries = queries * scale
+        energy = torch.einsum("bhqd, bhkd -> bhqk", queries, keys)
         if mask is not None:
             energy = energy.masked_fill(~mask, torch.finfo(energy.dtype).min)
         att = F.softmax(energy, dim=-1)
@@ -200,6 +206,20 @@ class MultiHeadAttention(nn.Module):
             self.last_attention = att.detach()
         att = self.att_drop(att)
         return torch.einsum("bhqk, bhkd -> bhqd", att, values)
+
+
+def sdpa_is_faster(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` is faster than the plain einsum path here: the one rule that picks the
+    attention kernel (``MultiHeadAttention(fused=None)``), from ``bench/attention.py`` (docs/measurements.md, "Attention
+    kernels").
+
+    On CUDA the fused kernels (flash, memory-efficient) win. On a CPU (a 2-core AMD EPYC with avx512_bf16, 65 tokens,
+    batch 32 and 256, head dims 8 to 128): in fp32 SDPA takes 0.45-0.86x the plain path's time to train (forward +
+    backward) and 0.56-1.02x to infer; in bf16 it takes 3.4-7.8x and 1.7-2.6x (its CPU kernel has no fast bf16 path at
+    these sizes), so bf16 and fp16 take the plain path. Above head dim 128 (unmeasured; SDPA's lag shrinks as heads
+    grow) SDPA.
+    """
+    return device.type != "cpu" or dtype == torch.float32 or head_dim > 128
 
 
 class ResidualAdd(nn.Module):

@@ -99,6 +99,7 @@ class Row:
     command: str
     results: tuple[Result, ...]
     frontier: dict[str, Any] | None
+    precision: str | None = None  # what its results trained in (trainer.precision), which a rerun keeps
 
     @property
     def kind(self) -> str:
@@ -199,7 +200,16 @@ def load_registry(path: Path = REGISTRY) -> Registry:
                     time_note=result.get("time_note"),
                 )
             )
-        rows.append(Row(name=name, what=entry["what"], command=entry["command"], results=tuple(results), frontier=entry["frontier"]))
+        rows.append(
+            Row(
+                name=name,
+                what=entry["what"],
+                command=entry["command"],
+                results=tuple(results),
+                frontier=entry["frontier"],
+                precision=entry.get("precision"),
+            )
+        )
     return Registry(path=Path(path), machines=machines, rows=tuple(rows), anchors=tuple(data.get("anchors", [])))
 
 
@@ -615,6 +625,27 @@ def reproduce_manual(row: Row, seeds: list[int], overrides: list[str], args: arg
     return 0
 
 
+def recorded_precision(row: Row, overrides: list[str]) -> str | None:
+    """``trainer.precision=P`` where the row records the precision P its results trained in and neither its command nor the
+    user's overrides set one: a rerun trains as the row did, not in today's default for this machine (``vit.precision``)."""
+    if not row.precision or last_value([*row.args, *overrides], "trainer.precision") is not None:
+        return None
+    return f"trainer.precision={row.precision}"
+
+
+def precision_verdict(row: Row, run_dir: Path) -> str:
+    """What the rerun trained in (its run.json), against what the row's results trained in."""
+    try:
+        here = json.loads((run_dir / "run.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        here = None
+    recorded = row.precision or "not recorded"
+    if here is None:
+        return f"precision: not in {run_dir / 'run.json'} (the row's: {recorded})"
+    same = "the same as" if here == row.precision else "not"
+    return f"precision: {here}, {same} the row's ({recorded})"
+
+
 def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argparse.Namespace, session: dict) -> int:
     """A ``python train.py`` row: the manual's slice, then one run per seed, each with its verdict."""
     from vit.cli import check_overrides
@@ -634,8 +665,11 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
     here = manual_images_per_s(root, seeds[0], args.manual_warmup, args.manual_steps)
     print(here_description(here, str(root) if root else f"data={kind} (torchvision's FakeData)"), flush=True)
     extra = f" (with {' '.join(overrides)}: not the recorded command)" if overrides else ""
+    pinned = recorded_precision(row, overrides)
+    if pinned:
+        print(f"precision: {row.precision}, as recorded (the row's results trained in it; {pinned} added to the command)", flush=True)
     for seed in seeds:
-        run = Run([*row.args, *overrides, f"seed={seed}", f"hydra.run.dir={dirs[seed]}"], dirs[seed])
+        run = Run([*row.args, *overrides, *([pinned] if pinned else []), f"seed={seed}", f"hydra.run.dir={dirs[seed]}"], dirs[seed])
         session["run"] = run
         print(f"\n{row.name}, seed {seed}: python train.py {' '.join(shlex.quote(a) for a in run.args)}", flush=True)
         expected = expectation(row, seed, here)
@@ -649,6 +683,7 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
             print(f"Error: seed {seed}'s run failed (exit {code}; its output is above): fix what it says, then run this again", file=sys.stderr)
             return 1
         print(f"\n{accuracy_verdict(row, seed, read_accuracy(run.run_dir))}{extra}")
+        print("  " + precision_verdict(row, run.run_dir))
         for line in time_verdicts(row, seed, run.seconds, here):
             print("  " + line)
         print(f"  run dir: {run.run_dir}", flush=True)

@@ -17,22 +17,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vit import checkpoints, report, trackers
+from vit import checkpoints, report, sharing, trackers
 from vit.builders import (
     build_callbacks,
     build_net,
     build_trainer,
     check_input_shape,
     check_train_sizes,
+    compile_if_it_pays,
     evaluation_module,
     instantiate,
     module_factory,
-    on_cuda,
 )
 from vit.callbacks import RunStats
 from vit.data import ImageDataModule
 from vit.errors import ConfigError
 from vit.module import ClassifierModule
+from vit.precision import on_cuda
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,17 @@ def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, Cl
     datamodule.setup("fit")
     check_input_shape(datamodule, net)
     check_train_sizes(datamodule, net, cfg.model)
+    if cfg.model.get("compile") == "auto":
+        compile_if_it_pays(net, cfg.trainer, training_steps(cfg, datamodule))
     return datamodule, net, module
+
+
+def training_steps(cfg: DictConfig, datamodule: ImageDataModule) -> int:
+    """About how many optimizer steps the run takes: batches per epoch (``trainer.limit_train_batches`` applied) times epochs."""
+    batches = len(datamodule.train_set) // datamodule.batch_size
+    limit = cfg.trainer.get("limit_train_batches", 1.0)
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    return batches * max(cfg.trainer.get("max_epochs") or 1, 1)
 
 
 def train(cfg: DictConfig) -> Metrics:
@@ -89,7 +100,12 @@ def train(cfg: DictConfig) -> Metrics:
             trainer.world_size,
             accumulate,
         )
-    ckpt_path = checkpoints.resume_from(cfg, module.hparams["config"])
+    start = sharing.plan(
+        cfg, module.hparams["config"], sharing.is_compiled(net)
+    )  # a job of a sweep: done already, stopped, or another job trained for fewer epochs
+    if start and "done" in start:
+        return start["done"]
+    ckpt_path = checkpoints.resume_from(cfg, module.hparams["config"], path=start["resume"] if start else None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # Ctrl-C exits inside (interrupted.ckpt)
     except BaseException:
@@ -103,7 +119,7 @@ def train(cfg: DictConfig) -> Metrics:
         "val/acc": float(best_score) if datamodule.has_val and best_score is not None else None,
         "epochs": trainer.current_epoch,
     }
-    summary = run_summary(trainer, net, best_path)  # before testing, which restores the callbacks' state of the best epoch
+    summary = run_summary(trainer, net, best_path, start)  # before testing, which restores the callbacks' state of the best epoch
     if cfg.get("test"):
         tested = "best" if datamodule.has_val and best_path else None
         log.info("Testing %s", best_path if tested else "the final weights")
@@ -115,15 +131,19 @@ def train(cfg: DictConfig) -> Metrics:
     return metrics
 
 
-def run_summary(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None) -> dict[str, Any]:
+def run_summary(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None, start: dict | None = None) -> dict[str, Any]:
     """``run.json``: what the sweep report shows beside the metrics, kept out of metrics.json (which must not vary with timing)."""
     stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
     return {
         "params": sum(p.numel() for p in net.parameters()),
+        "precision": str(trainer.precision),  # what it trained in (trainer.precision=null: chosen for the device, vit.precision)
+        "compiled": sharing.is_compiled(net),  # model.compile=auto: whether it paid here (vit.builders.compile_pays)
         "ckpt": best_path or None,
         "train_time_s": round(stats.train_time_s, 3) if stats else None,
         "images_per_s": round(stats.images_per_s, 1) if stats and stats.images_per_s else None,
+        "images": stats.images if stats else None,  # every training image of the run, a resumed run's earlier epochs included
         "history": list(stats.history) if stats else [],
+        **({"shared_from": start["from"], "shared_epochs": start["epochs"]} if start and "from" in start else {}),
     }
 
 
