@@ -31,11 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def manual_rate(root: Path, batch: int, warmup: int, steps: int, seed: int) -> float:
     """The manual's loop as printed at ``batch``: training images per second over ``steps`` steps after ``warmup``."""
-    torch.manual_seed(seed)
-    train_set, test_set = manual.datasets(root)
-    recipe = manual.Recipe.set_up(train_set, test_set, torch.device("cpu"), batch_size=batch)
-    start, end = recipe.time_slice(warmup, steps, time.perf_counter)
-    return batch * steps / (end - start)
+    projection = manual.project(root, torch.device("cpu"), seed, warmup, steps, time.perf_counter, with_test=False, batch_size=batch)
+    if projection is None:
+        raise SystemExit(f"the manual's epoch at batch {batch} has fewer than {warmup + steps} steps: lower --manual-steps")
+    return projection.images_per_s
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def compile_pays(precision: str, cuda: bool, steps: int) -> tuple[bool, str]:
     if precision != "bf16-mixed":
         return False, f"a CPU step in {precision} is no faster compiled"
     if steps < COMPILE_MIN_STEPS:
-        return False, f"{steps} training steps are too few to pay back about a minute of compiling (>= {COMPILE_MIN_STEPS})"
+        return False, f"{steps} training steps are too few to pay back 1-3 minutes of compiling (>= {COMPILE_MIN_STEPS})"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
         return False, "no C++ compiler here for torch.compile on a CPU (install g++ to compile)"
     return True, f"a CPU step in bf16 is about 1.1x as fast compiled, which pays back 1-3 minutes of compiling over {steps} steps"

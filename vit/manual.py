@@ -235,14 +235,21 @@ class Projection:
 
 
 def project(
-    root: Path | None, device: torch.device, seed: int, warmup: int, steps: int, clock: Callable[[], float], with_test: bool = True
+    root: Path | None,
+    device: torch.device,
+    seed: int,
+    warmup: int,
+    steps: int,
+    clock: Callable[[], float],
+    with_test: bool = True,
+    batch_size: int = BATCH_SIZE,
 ) -> Projection | None:
     """Sets up the manual's recipe on ``root`` (an ImageFolder; None: FakeData), trains ``warmup`` + ``steps`` steps
     and times the last ``steps``, and (``with_test``) its test pass: what the benchmarks project its time from. None
-    when an epoch is shorter than the slice."""
+    when an epoch is shorter than the slice. ``batch_size``: the manual's 32, or another a sweep trains at."""
     start = clock()
     torch.manual_seed(seed)
-    recipe = Recipe.set_up(*datasets(root, fake_sizes=(50_000, 500)), device)
+    recipe = Recipe.set_up(*datasets(root, fake_sizes=(50_000, 500)), device, batch_size=batch_size)
     setup_s = clock() - start
     readings = recipe.time_slice(warmup, steps, clock)
     if readings is None:
@@ -253,4 +260,4 @@ def project(
         test_start = clock()
         recipe.test()
         test_s = clock() - test_start
-    return Projection(setup_s, step_s * len(recipe.train_loader), test_s, len(recipe.train_loader), BATCH_SIZE / step_s)
+    return Projection(setup_s, step_s * len(recipe.train_loader), test_s, len(recipe.train_loader), batch_size / step_s)
