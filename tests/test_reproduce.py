@@ -66,7 +66,7 @@ def test_a_time_is_scaled_by_the_two_machines_manual_loop_speeds(fast):
         "this machine 150.2 -> expected 426 s: 0.97x"
     )
     # Seeds 0 and 1 were timed where the manual's loop was not: no line for them under seed 42, an unscaled one under seed 0.
-    assert len(lines) == 1
+    assert len(lines) == 2 and lines[1].startswith("time spread: one recorded run scales to this machine (426 s)")
     lines = reproduce.time_verdicts(fast, 0, 700, 150.2)
     assert "expected 426 s: 1.64x" in lines[0]
     assert lines[1].startswith("time 700 s; recorded 602 s (seed 0) on AMD EPYC (2 cores, 1 torch thread)")
@@ -102,6 +102,124 @@ def test_one_recorded_run_has_no_spread_only_a_difference(tmp_path):
 
 def test_the_expected_time_is_said_before_the_run(fast):
     assert reproduce.expectation(fast, 0, 150.2) == "expect about 426 s here (322 s recorded on AMD EPYC at 199 manual images/s)"
+
+
+def test_the_time_verdict_gives_the_recorded_runs_spread_after_scaling_and_whether_this_run_is_inside_it(tmp_path):
+    machines = {**MACHINES, "slow": {**MACHINES["race"], "manual_images_per_s": 100}, "quick": {**MACHINES["race"], "manual_images_per_s": 180}}
+    rows = [row("two", [result(42, 70.0, 150, "slow"), result(0, 71.0, 100, "quick"), result(1, 70.5, 500, "busy")])]
+    two = reproduce.load_registry(write_registry(tmp_path / "r.json", rows, machines)).row("two")
+    # At 150 manual images/s here, 150 s at 100 moves to 100 s and 100 s at 180 to 120 s; the unscaled 500 s is no part of it.
+    span = "time spread: the row's 2 runs with a manual-loop speed, scaled to this machine, span 100-120 s (20% apart); "
+    assert reproduce.time_verdicts(two, 42, 110, 150.0)[-1] == span + "this run's 110 s is inside it"
+    assert reproduce.time_verdicts(two, 42, 132, 150.0)[-1] == span + "this run's 132 s is 10% above it"
+    assert reproduce.time_verdicts(two, 42, 90, 150.0)[-1] == span + "this run's 90 s is 10% below it"
+    one = reproduce.load_registry(write_registry(tmp_path / "o.json", [row("one", [result(42, 70.0, 150, "slow")])], machines)).row("one")
+    assert reproduce.time_verdicts(one, 42, 90, 150.0)[-1].endswith("one recorded run scales to this machine (100 s): no spread to judge this run by")
+
+
+# One row's rerun, its child train.py faked ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """reproduce's child ``python train.py`` faked: in 110 s it writes what train.py writes (metrics.json with 70%,
+    run.json with its precision) where train.py would (the last paths.output_dir, else hydra.run.dir, relative to the
+    root); the manual's loop here runs at 150 images/s. Returns each child's arguments."""
+    started = []
+
+    def stream(run) -> int:
+        value = lambda key: reproduce.last_value(run.args, key)  # noqa: E731
+        out = Path(value("paths.output_dir") or value("hydra.run.dir"))
+        out = out if out.is_absolute() else ROOT / out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"test/acc": 0.7}))
+        (out / "run.json").write_text(json.dumps({"precision": value("trainer.precision") or "bf16-mixed"}))
+        run.seconds = 110.0
+        return 0
+
+    monkeypatch.setattr(reproduce.Run, "start", lambda run: started.append(run.args))
+    monkeypatch.setattr(reproduce.Run, "stream", stream)
+    monkeypatch.setattr(reproduce, "manual_images_per_s", lambda *args, **kwargs: 150.0)
+    return started
+
+
+def cpu_row(tmp_path: Path) -> Path:
+    """A CPU row recorded in 32-true, its two times 100 and 120 s once scaled to 150 manual images/s."""
+    machines = {**MACHINES, "slow": {**MACHINES["race"], "manual_images_per_s": 100}, "quick": {**MACHINES["race"], "manual_images_per_s": 180}}
+    entry = {
+        **row("cpu", [result(42, 70.0, 150, "slow"), result(0, 71.0, 100, "quick")], command="python train.py data=fake"),
+        "precision": "32-true",
+    }
+    return write_registry(tmp_path / "registry.json", [entry], machines)
+
+
+def verdict_lines(out: str) -> list[str]:
+    """The lines after the run that judge it: the accuracy (``seed N: ...``) and the indented ones under it but the run dir."""
+    lines = out.split("\nseed 42: ", 1)[1].splitlines()
+    return ["seed 42: " + lines[0], *(line for line in lines[1:] if line.startswith("  ") and not line.startswith("  run dir:"))]
+
+
+def test_with_a_gpu_here_a_cpu_row_is_rerun_on_the_cpu_as_recorded(tmp_path, fake_train, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert reproduce.main(["cpu", "--registry", str(cpu_row(tmp_path)), "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    (args,) = fake_train
+    assert "trainer.accelerator=cpu" in args and "trainer.precision=32-true" in args
+    assert "device: cpu, as recorded (a CUDA GPU is here, the row's results ran on CPUs; trainer.accelerator=cpu added to the command)" in out
+    assert "this run's 110 s is inside it" in out
+
+
+def test_a_gpu_run_against_cpu_records_gets_no_time_verdict(tmp_path, fake_train, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = ["cpu", "trainer.accelerator=gpu", "--registry", str(cpu_row(tmp_path)), "--out", str(tmp_path / "runs")]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    times = [line for line in verdict_lines(out) if line.startswith("  time")]
+    assert times == [
+        "  time 110 s on a GPU; the row's times were recorded on CPUs: no time verdict (a GPU run is not compared with CPUs' records)"
+        " (with trainer.accelerator=gpu: not the recorded command)"
+    ]
+    assert "expected" not in out and "expect about" not in out
+
+
+def test_the_not_the_recorded_command_note_stands_on_every_line_it_touches(tmp_path, fake_train, capsys):
+    argv = ["cpu", "trainer.max_epochs=1", "--registry", str(cpu_row(tmp_path)), "--out", str(tmp_path / "runs")]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    note = " (with trainer.max_epochs=1: not the recorded command)"
+    lines = verdict_lines(out)
+    assert [line for line in lines if not line.endswith(note)] == []
+    assert len(lines) == 5  # accuracy, precision, 2 times, their spread
+    assert re.search(r"^expect about [\d,]+ s here .*" + re.escape(note) + "$", out, flags=re.MULTILINE)
+
+
+def test_a_users_paths_output_dir_holds_the_runs_and_their_verdicts_read_them(tmp_path, fake_train, capsys):
+    assert reproduce.main(["cpu", f"paths.output_dir={tmp_path / 'mine'}", "--registry", str(cpu_row(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    (args,) = fake_train
+    assert (tmp_path / "mine" / "seed42" / "metrics.json").is_file() and f"hydra.run.dir={tmp_path / 'mine' / 'seed42'}" in args
+    assert "\nseed 42: 70.00% (recorded 70.00%; seeds 42, 0 span 70.00-71.00% over 2 runs): within the spread\n" in out  # no note
+    assert "  precision: 32-true, the same as the row's (32-true)" in out
+    with pytest.raises(ConfigError, match=r"^--out .* and paths.output_dir=.* name two places for the runs: give one of them$"):
+        reproduce.output_dir(tmp_path / "elsewhere", [f"paths.output_dir={tmp_path / 'mine'}"])
+
+
+def test_the_manual_rows_time_lines_say_they_compare_two_projections(tmp_path, monkeypatch, capsys):
+    machines = {"slow": {**MACHINES["race"], "manual_images_per_s": 100}, "quick": {**MACHINES["race"], "manual_images_per_s": 180}}
+    results = [result(42, 67.09, 6000, "slow", projected=True), result(42, 67.09, 3000, "quick", projected=True)]
+    path = write_registry(tmp_path / "m.json", [row("manual", results, command="python bench/time_to_accuracy.py --data fake")], machines)
+    monkeypatch.setattr(reproduce, "manual_projection", lambda *args, **kwargs: (3900.0, 150.0))
+    assert reproduce.main(["manual", "--registry", str(path)]) == 0
+    times = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  time")]
+    label = " (a projection on both sides: the manual's 20 epochs projected from its timed steps, here as recorded)"
+    assert [line for line in times if not line.endswith(label)] == []
+    assert len(times) == 3  # two recorded projections, then their spread: 3,600-4,000 s here
+    assert times[0].startswith("  time projected 3,900 s; recorded projected 6,000 s (seed 42)")
+    assert "span 3,600-4,000 s (11% apart); this run's projected 3,900 s is inside it" in times[-1]
 
 
 # The command line ---------------------------------------------------------------------------------------------------

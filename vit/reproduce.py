@@ -12,8 +12,10 @@ command is ``python train.py ...`` this first times a slice of the manual's trai
 runs the command in a subprocess (its output and progress bar shown as they come, run dir ``--out``/seed<N>), timed
 from its start to its ``Accuracy on test set`` line, and prints one verdict per seed: the accuracy against the
 recorded seeds' spread, and the time against each recorded time scaled by the two machines' speeds of the manual's
-loop. Where no manual-loop speed was measured with a recorded time, the verdict says that time can't be scaled.
-The ``manual`` row (the manual's own code, its time projected) is checked by projecting its time here.
+loop, then their spread and whether this run is inside it. Where no manual-loop speed was measured with a recorded
+time, the verdict says that time can't be scaled. A row recorded on CPUs reruns on the CPU where a GPU is here
+(``trainer.accelerator=cpu``, as its ``trainer.precision``); a GPU run gets no time verdict against CPU records. The
+``manual`` row (the manual's own code, its time projected) is checked by projecting its time here.
 
 Ctrl-C stops the run as Ctrl-C stops ``train.py`` (a checkpoint to resume from), says in one line what was kept
 and exits with 130.
@@ -48,6 +50,8 @@ MANUAL = "python bench/time_to_accuracy.py"
 ACCURACY_LINE = re.compile(rb"Accuracy on test set: ([\d.]+)%")
 STOP_GRACE_S = 120  # how long a stopped run may take to write its checkpoint and exit before it is terminated
 
+DEVICES = {"cpu": "CPU", "gpu": "GPU"}  # a machine's device, as a verdict names it
+
 MACHINE_KEYS = ("cpu", "cores", "torch_threads", "manual_images_per_s", "manual_source")
 ROW_KEYS = ("name", "what", "command", "results", "frontier")
 RESULT_KEYS = ("seed", "accuracy", "seconds", "machine", "source")
@@ -68,6 +72,7 @@ class Machine:
     conditions: str | None = None
     manual_estimate: tuple[float, float] | None = None
     manual_estimate_source: str | None = None
+    device: str = "cpu"  # where its figures ran: cpu, or gpu (a machine entry's optional ``device``)
 
     def describe(self) -> str:
         """``AMD EPYC (2 cores, 2 torch threads, 2026-11-29)``: what the registry knows of it."""
@@ -121,6 +126,11 @@ class Row:
         return list(dict.fromkeys(r.seed for r in self.results))
 
     @property
+    def device(self) -> str:
+        """Where its headline result ran: ``cpu`` (every machine of the registry so far) or ``gpu``."""
+        return self.headline.machine.device
+
+    @property
     def spread(self) -> tuple[float, float]:
         accuracies = [r.accuracy for r in self.results]
         return min(accuracies), max(accuracies)
@@ -171,6 +181,7 @@ def load_registry(path: Path = REGISTRY) -> Registry:
             conditions=entry.get("conditions"),
             manual_estimate=tuple(estimate) if estimate else None,
             manual_estimate_source=entry.get("manual_estimate_source"),
+            device=entry.get("device", "cpu"),
         )
     rows, names = [], set()
     for i, entry in enumerate(data["rows"]):
@@ -276,13 +287,26 @@ def accuracy_verdict(row: Row, seed: int, accuracy: float | None) -> str:
     return f"seed {seed}: {accuracy:.2f}% ({context}): {judged}"
 
 
-def time_verdicts(row: Row, seed: int, seconds: float | None, here_images_per_s: float) -> list[str]:
+def time_verdicts(row: Row, seed: int, seconds: float | None, here_images_per_s: float, device: str = "cpu", projected: bool = False) -> list[str]:
     """One line per recorded time this run is compared with: every one whose machine's manual-loop speed is known
-    (scaled to this machine; seeds barely change the time), and this seed's own where it is not (not scaled)."""
-    timed = [r for r in row.results if r.seconds is not None and (r.machine.manual_images_per_s or r.seed == seed)]
+    (scaled to this machine; seeds barely change the time), and this seed's own where it is not (not scaled); then the
+    spread of the scaled times, and whether this run is inside it. Times recorded on another device than this run's
+    (``device``: cpu or gpu) are not compared: a GPU run says nothing of a CPU's time. ``projected``: the manual's row,
+    whose times here and recorded are both projections, labelled so on every line."""
+    label = " (a projection on both sides: the manual's 20 epochs projected from its timed steps, here as recorded)" if projected else ""
+    measured = "no time (no accuracy line)" if seconds is None else seconds_text(seconds)
+    measured = f"projected {measured}" if projected else measured
+    recorded_times = [r for r in row.results if r.seconds is not None]
+    comparable = [r for r in recorded_times if r.machine.device == device]
+    if recorded_times and not comparable:
+        elsewhere = " and ".join(sorted({DEVICES[r.machine.device] + "s" for r in recorded_times}))
+        return [
+            f"time {measured} on a {DEVICES[device]}; the row's times were recorded on {elsewhere}: no time verdict "
+            f"(a {DEVICES[device]} run is not compared with {elsewhere}' records)"
+        ]
+    timed = [r for r in comparable if r.machine.manual_images_per_s or r.seed == seed]
     if not timed:
         return ["time: none recorded for this row's runs"]
-    measured = "no time (no accuracy line)" if seconds is None else seconds_text(seconds)
     lines = []
     for r in timed:
         what = "projected " if r.projected else ""
@@ -307,12 +331,40 @@ def time_verdicts(row: Row, seed: int, seconds: float | None, here_images_per_s:
                 f"expected {fast_s:,.0f}-{slow_s:,.0f} s" + (f", {seconds / slow_s:.2f}-{seconds / fast_s:.2f}x)" if seconds is not None else ")")
             )
         lines.append(line)
-    return lines
+    spread = time_spread(comparable, seconds, here_images_per_s, measured)
+    return [line + label for line in [*lines, *([spread] if spread else [])]]
 
 
-def expectation(row: Row, seed: int, here_images_per_s: float) -> str | None:
-    """Before a run: how long it should take here, from the first scalable recorded time (this seed's first)."""
-    scalable = sorted((r for r in row.results if r.seconds is not None and r.machine.manual_images_per_s), key=lambda r: r.seed != seed)
+def time_spread(results: list[Result], seconds: float | None, here_images_per_s: float, measured: str) -> str | None:
+    """The recorded runs' times scaled to this machine (those whose machine's manual-loop speed is known): their spread,
+    which machines and sessions alone make 14-22% wide within one row, and whether this run's time (``measured``, as
+    said) is inside it."""
+    scaled = sorted(expected_seconds(r.seconds, r.machine.manual_images_per_s, here_images_per_s) for r in results if r.machine.manual_images_per_s)
+    if not scaled:
+        return None
+    if len(scaled) == 1:
+        return f"time spread: one recorded run scales to this machine ({seconds_text(scaled[0])}): no spread to judge this run by"
+    low, high = scaled[0], scaled[-1]
+    if seconds is None:
+        judged = "this run has no time"
+    elif seconds < low:
+        judged = f"this run's {measured} is {100 * (1 - seconds / low):.0f}% below it"
+    elif seconds > high:
+        judged = f"this run's {measured} is {100 * (seconds / high - 1):.0f}% above it"
+    else:
+        judged = f"this run's {measured} is inside it"
+    return (
+        f"time spread: the row's {len(scaled)} runs with a manual-loop speed, scaled to this machine, span "
+        f"{low:,.0f}-{high:,.0f} s ({100 * (high / low - 1):.0f}% apart); {judged}"
+    )
+
+
+def expectation(row: Row, seed: int, here_images_per_s: float, device: str = "cpu") -> str | None:
+    """Before a run: how long it should take here, from the first scalable recorded time on this run's device (this seed's first)."""
+    scalable = sorted(
+        (r for r in row.results if r.seconds is not None and r.machine.manual_images_per_s and r.machine.device == device),
+        key=lambda r: r.seed != seed,
+    )
     if not scalable:
         return None
     r = scalable[0]
@@ -582,11 +634,25 @@ def split_seeds(row: Row, overrides: list[str]) -> tuple[list[int], list[str]]:
                 raise ConfigError(f"seed={value} is not a seed: give an integer or a comma list, e.g. seed=42,0,1") from None
         elif key.lstrip("+~") == "hydra.run.dir":
             raise ConfigError("vit.reproduce names each seed's run dir itself: give --out DIR instead of hydra.run.dir= (runs go to DIR/seed<N>)")
+        elif key.lstrip("+~") == "paths.output_dir" and row.kind == "train":
+            continue  # where the runs go, as --out (output_dir): not what they train
         else:
             rest.append(arg)
     if row.kind == "manual" and any(not a.startswith("data.root=") for a in rest):
         raise ConfigError(f"the manual row runs the manual's own code: it takes seed=N and data.root=DIR only, not {' '.join(rest)}")
     return seeds or [row.headline.seed], rest
+
+
+def output_dir(out: Path | None, overrides: list[str]) -> Path | None:
+    """Where the runs go: ``--out DIR``, or the user's ``paths.output_dir=DIR`` (relative to the repository root, as
+    train.py reads it), which means the same here: each seed's run dir is DIR/seed<N>, its hydra.run.dir and output_dir."""
+    given = last_value([a.lstrip("+") for a in overrides], "paths.output_dir")
+    if given is None:
+        return out
+    path = Path(given) if Path(given).is_absolute() else ROOT / given
+    if out is not None and out.resolve() != path.resolve():
+        raise ConfigError(f"--out {out} and paths.output_dir={given} name two places for the runs: give one of them")
+    return path
 
 
 def run_dirs(name: str, out: Path | None, seeds: list[int]) -> dict[int, Path]:
@@ -616,13 +682,28 @@ def reproduce_manual(row: Row, seeds: list[int], overrides: list[str], args: arg
         total, images_per_s = manual_projection(root, seed, args.manual_warmup, args.manual_steps)
         print(here_description(images_per_s, str(root) if root else "torchvision's FakeData"))
         head = row.headline
+        note = not_recorded(overrides)
         print(
             f"seed {seed}: accuracy not checked: {head.accuracy:.2f}% is {head.note or 'the recorded figure'} "
-            "(the manual's recipe run to the end here: python -m vit.reproduce seed)"
+            f"(the manual's recipe run to the end here: python -m vit.reproduce seed){note}"
         )
-        for line in time_verdicts(row, head.seed, total, images_per_s):
-            print("  " + line.replace("time ", "time projected ", 1))
+        for line in time_verdicts(row, head.seed, total, images_per_s, projected=True):
+            print(f"  {line}{note}")
     return 0
+
+
+def not_recorded(overrides: list[str]) -> str:
+    """The note each verdict line of a run with the user's overrides carries: what it compares is not the row's command."""
+    return f" (with {' '.join(overrides)}: not the recorded command)" if overrides else ""
+
+
+def verdicts(row: Row, seed: int, run_dir: Path, seconds: float | None, here_images_per_s: float, device: str, note: str) -> list[str]:
+    """What a finished run is told, a line each: its accuracy, its precision, its time; each with ``note``."""
+    lines = [
+        accuracy_verdict(row, seed, read_accuracy(run_dir)),
+        *("  " + line for line in [precision_verdict(row, run_dir), *time_verdicts(row, seed, seconds, here_images_per_s, device)]),
+    ]
+    return [line + note for line in lines]
 
 
 def recorded_precision(row: Row, overrides: list[str]) -> str | None:
@@ -631,6 +712,21 @@ def recorded_precision(row: Row, overrides: list[str]) -> str | None:
     if not row.precision or last_value([*row.args, *overrides], "trainer.precision") is not None:
         return None
     return f"trainer.precision={row.precision}"
+
+
+def recorded_device(row: Row, overrides: list[str]) -> str | None:
+    """``trainer.accelerator=cpu`` where a CUDA GPU is here, the row's results ran on CPUs and neither its command nor the
+    user's overrides choose the accelerator: a rerun trains where the row did, and its time can be judged."""
+    if row.device != "cpu" or last_value([*row.args, *overrides], "trainer.accelerator") is not None:
+        return None
+    return "trainer.accelerator=cpu" if run_device(row.args) == "gpu" else None
+
+
+def run_device(args: list[str]) -> str:
+    """``gpu`` where a ``python train.py`` of ``args`` trains on a CUDA GPU (one is here, trainer.accelerator auto or gpu), else ``cpu``."""
+    from vit.precision import on_cuda
+
+    return "gpu" if on_cuda({"accelerator": last_value(args, "trainer.accelerator") or "auto"}) else "cpu"
 
 
 def precision_verdict(row: Row, run_dir: Path) -> str:
@@ -650,7 +746,7 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
     """A ``python train.py`` row: the manual's slice, then one run per seed, each with its verdict."""
     from vit.cli import check_overrides
 
-    dirs = run_dirs(row.name, args.out, seeds)
+    dirs = run_dirs(row.name, output_dir(args.out, args.overrides), seeds)
     print(
         f"{row.name}: {row.what}; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; run dirs under {dirs[seeds[0]].parent}",
         flush=True,
@@ -664,17 +760,21 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
     print(f"timing the manual's loop ({args.manual_steps} steps after {args.manual_warmup}) ...", flush=True)
     here = manual_images_per_s(root, seeds[0], args.manual_warmup, args.manual_steps)
     print(here_description(here, str(root) if root else f"data={kind} (torchvision's FakeData)"), flush=True)
-    extra = f" (with {' '.join(overrides)}: not the recorded command)" if overrides else ""
-    pinned = recorded_precision(row, overrides)
-    if pinned:
-        print(f"precision: {row.precision}, as recorded (the row's results trained in it; {pinned} added to the command)", flush=True)
+    note = not_recorded(overrides)
+    precision, accelerator = recorded_precision(row, overrides), recorded_device(row, overrides)
+    pinned = [p for p in (precision, accelerator) if p]
+    if precision:
+        print(f"precision: {row.precision}, as recorded (the row's results trained in it; {precision} added to the command)", flush=True)
+    if accelerator:
+        print(f"device: cpu, as recorded (a CUDA GPU is here, the row's results ran on CPUs; {accelerator} added to the command)", flush=True)
+    device = run_device([*row.args, *overrides, *pinned])
     for seed in seeds:
-        run = Run([*row.args, *overrides, *([pinned] if pinned else []), f"seed={seed}", f"hydra.run.dir={dirs[seed]}"], dirs[seed])
+        run = Run([*row.args, *overrides, *pinned, f"seed={seed}", f"hydra.run.dir={dirs[seed]}"], dirs[seed])
         session["run"] = run
         print(f"\n{row.name}, seed {seed}: python train.py {' '.join(shlex.quote(a) for a in run.args)}", flush=True)
-        expected = expectation(row, seed, here)
+        expected = expectation(row, seed, here, device)
         if expected:
-            print(expected, flush=True)
+            print(expected + note, flush=True)
         run.start()
         code = run.stream()
         session["run"] = None
@@ -682,10 +782,7 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
         if code != 0:
             print(f"Error: seed {seed}'s run failed (exit {code}; its output is above): fix what it says, then run this again", file=sys.stderr)
             return 1
-        print(f"\n{accuracy_verdict(row, seed, read_accuracy(run.run_dir))}{extra}")
-        print("  " + precision_verdict(row, run.run_dir))
-        for line in time_verdicts(row, seed, run.seconds, here):
-            print("  " + line)
+        print("\n" + "\n".join(verdicts(row, seed, run.run_dir, run.seconds, here, device, note)))
         print(f"  run dir: {run.run_dir}", flush=True)
     return 0
 
