@@ -14,7 +14,8 @@ report (each step with its command, exit status, wall time and the lines that ca
 The 8 minutes are a hard bound (``BUDGET_S``): the steps' limits (``LIMITS_S``) sum to at most it, and a step
 still running when it is spent is stopped there (its whole process group), the steps after it not run. The
 report is rewritten as each step ends, so a run cut short (the bound, Ctrl-C, a lost machine) leaves what
-finished. On a machine without a CUDA GPU it says so in one line and exits with status 1.
+finished. Each call writes its runs into a new folder under ``--out`` (``<date>_<time>_<random>``), so a step cut short
+shows nothing of an earlier call's runs. On a machine without a CUDA GPU it says so in one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -122,13 +123,22 @@ def _stop_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def fresh_dir(parent: Path) -> Path:
+    """A new, empty folder under ``parent`` for this call's runs: what a cut step left unwritten is absent, never an earlier
+    call's figure (``run.json``, a checkpoint for test.py) read as this one's."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S_"), dir=parent))
+
+
 def main() -> int:
     began = time.monotonic()
     deadline = began + BUDGET_S - STOP_MARGIN_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/data/cifar10-jpeg"), help="ImageFolder copy of CIFAR-10")
     parser.add_argument("--report", type=Path, default=Path("gpu_check.md"), help="the Markdown report to write (after every step)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check"), help="run dirs of the short preset epochs")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/gpu_check"), help="each call's run dirs go to a new folder OUT/<date>_<time>_<random>"
+    )
     parser.add_argument("--steps", type=int, default=60, help="training batches of each preset's short epoch (default 60)")
     args = parser.parse_args()
     import torch
@@ -136,11 +146,13 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is false): run it on a machine with an NVIDIA GPU", file=sys.stderr)
         return 1
-    root, out = args.root.resolve(), args.out.resolve()
+    root = args.root.resolve()
     if not (root / "train").is_dir():
         parser.error(f"--root {root} has no train/ folder: give the ImageFolder copy of CIFAR-10")
+    out = fresh_dir(args.out.resolve())
     python = sys.executable
-    report = Report(args.report, [f"# GPU check: {torch.cuda.get_device_name(0)}", "", f"torch {torch.__version__}, data {root}", ""], began)
+    header = [f"# GPU check: {torch.cuda.get_device_name(0)}", "", f"torch {torch.__version__}, data {root}, run dirs {out}", ""]
+    report = Report(args.report, header, began)
     report.write()
 
     def run(title: str, command: list[str]) -> tuple[int | None, str]:

@@ -110,10 +110,25 @@ def test_gpu_check_stops_at_the_bound_and_runs_nothing_after_it(tmp_path):
     assert "`: stopped at the 480 s bound, " in text and "not run, the 480 s bound was spent" in text
 
 
-def test_gpu_check_runs_every_step_under_its_limit_from_the_table(tmp_path, monkeypatch):
-    """main's steps, their commands not run: each takes its limit from LIMITS_S and the bound; the report is finished."""
+def run_gpu_check(gpu_check, tmp_path: Path, monkeypatch, fake_step) -> str:
+    """gpu_check's main on a faked GPU, its steps run by ``fake_step`` and its run dirs under tmp_path/out: the report."""
     import torch
 
+    monkeypatch.setattr(gpu_check, "step", fake_step)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a test GPU")
+    root = tmp_path / "cifar"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True, exist_ok=True)
+    (root / "test" / "cat" / "0.png").write_bytes(b"")
+    report = tmp_path / "gpu_check.md"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--root", str(root), "--report", str(report), "--out", str(tmp_path / "out")])
+    assert gpu_check.main() == 0
+    return report.read_text()
+
+
+def test_gpu_check_runs_every_step_under_its_limit_from_the_table(tmp_path, monkeypatch):
+    """main's steps, their commands not run: each takes its limit from LIMITS_S and the bound; the report is finished."""
     gpu_check = load_gpu_check()
     ran = []
 
@@ -123,20 +138,38 @@ def test_gpu_check_runs_every_step_under_its_limit_from_the_table(tmp_path, monk
         report.add([f"## {title}", ""])
         return 0, ""
 
-    monkeypatch.setattr(gpu_check, "step", fake_step)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a test GPU")
-    root = tmp_path / "cifar"
-    for split in ("train", "test"):
-        (root / split / "cat").mkdir(parents=True)
-    (root / "test" / "cat" / "0.png").write_bytes(b"")
-    report = tmp_path / "gpu_check.md"
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--root", str(root), "--report", str(report), "--out", str(tmp_path / "out")])
-    assert gpu_check.main() == 0
+    text = run_gpu_check(gpu_check, tmp_path, monkeypatch, fake_step)
     assert sorted(ran) == sorted(gpu_check.LIMITS_S)  # every step once, every limit used
-    text = report.read_text()
     assert text.startswith("# GPU check: a test GPU") and text.strip().endswith("s of the 480 s bound used._") and "_finished;" in text
     assert text.count("| 0 | ") == len(gpu_check.PRESETS)  # a row in the presets' table for each
+
+
+def test_gpu_check_starts_each_call_in_fresh_run_dirs_so_a_cut_step_shows_no_earlier_figures(tmp_path, monkeypatch):
+    """The first call's preset steps write their run.json (123.4 images/s); the second call's are cut before they write
+    anything: its table shows no figure, and its test.py step names none of the first call's run dirs."""
+    gpu_check = load_gpu_check()
+    commands = []
+
+    def writes(report, title, command, limit, deadline):
+        commands.append(command)
+        run_dir = next((Path(arg.partition("=")[2]) for arg in command if arg.startswith("hydra.run.dir=")), None)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True)
+            (run_dir / "run.json").write_text(json.dumps({"images_per_s": 123.4}))
+        return 0, ""
+
+    def cut(report, title, command, limit, deadline):
+        commands.append(command)
+        return None, ""
+
+    first = run_gpu_check(gpu_check, tmp_path, monkeypatch, writes)
+    assert first.count("| 123.4 |") == len(gpu_check.PRESETS)
+    earlier = {arg.partition("=")[2] for command in commands for arg in command if arg.startswith(("hydra.run.dir=", "ckpt="))}
+    commands.clear()
+    second = run_gpu_check(gpu_check, tmp_path, monkeypatch, cut)
+    assert "123.4" not in second and second.count("| None | ") == len(gpu_check.PRESETS)
+    now = {arg.partition("=")[2] for command in commands for arg in command if arg.startswith(("hydra.run.dir=", "ckpt="))}
+    assert now and not now & earlier
 
 
 def load_throughput():
