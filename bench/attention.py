@@ -15,8 +15,8 @@ import time
 
 import torch
 
+from vit.machine import cpu_name
 from vit.model import MultiHeadAttention, sdpa_is_faster
-from vit.reproduce import cpu_name
 
 # (heads, head dim): the manual's 8 x 8, the fast and budget presets' 4 x 32, and others around them.
 SHAPES = ((8, 8), (4, 16), (4, 32), (2, 64), (8, 64), (2, 128))

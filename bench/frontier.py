@@ -24,7 +24,7 @@ def load(path: Path) -> list[dict]:
     points = json.loads(path.read_text())
     if isinstance(points, dict):  # the results registry: its rows' headline results, then the anchors
         from vit.errors import ConfigError
-        from vit.reproduce import frontier_points, load_registry
+        from vit.registry import frontier_points, load_registry
 
         try:
             points = frontier_points(load_registry(path))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from vit import manual
-from vit.reproduce import cpu_name
+from vit.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -68,8 +68,8 @@ from torch.utils import flop_counter
 from vit import checkpoints, manual
 from vit.builders import build_callbacks, build_net, build_trainer, instantiate, module_factory
 from vit.errors import ConfigError
+from vit.machine import cpu_name
 from vit.precision import resolve_precision
-from vit.reproduce import cpu_name
 from vit.run import build_for_fit
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

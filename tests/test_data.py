@@ -7,7 +7,8 @@ from torchvision import transforms
 
 from tests.conftest import make_image_folder
 from vit.augment import random_crop_flip
-from vit.data import CIFAR10DataModule, EpochBatches, FakeDataModule, FolderDataModule
+from vit.batches import EpochBatches
+from vit.data import CIFAR10DataModule, FakeDataModule, FolderDataModule
 from vit.errors import ConfigError
 
 
@@ -88,8 +89,8 @@ def test_augmentation_only_in_training():
 def test_trivial_augment_works_without_crop_and_flip(monkeypatch):
     """data.trivial_augment=true alone applies TrivialAugment (and no crop + flip); data.augment=true alone only crop + flip."""
     applied = []
-    monkeypatch.setattr("vit.data.trivial_augment", lambda x, generator=None: applied.append("trivial") or x)
-    monkeypatch.setattr("vit.data.random_crop_flip", lambda x, padding, generator=None: applied.append("crop_flip") or x)
+    monkeypatch.setattr("vit.images.trivial_augment", lambda x, generator=None: applied.append("trivial") or x)
+    monkeypatch.setattr("vit.images.random_crop_flip", lambda x, padding, generator=None: applied.append("crop_flip") or x)
     images = fake().test_set.images[:8]
     for kwargs, expected in [
         (dict(trivial_augment=True), ["trivial"]),
@@ -218,7 +219,7 @@ def test_crop_padding_is_in_pixels_of_the_training_side_unless_scaled(monkeypatc
     """Progressive resizing resizes first: crop_padding=4 pads a 16 px image by 4 (a quarter of it); with
     scale_crop_padding it is read at the stored 32 px and scaled, 2 at 16 px, 3 at 24, 4 at 32."""
     paddings = []
-    monkeypatch.setattr("vit.data.random_crop_flip", lambda x, padding, generator=None: paddings.append(padding) or x)
+    monkeypatch.setattr("vit.images.random_crop_flip", lambda x, padding, generator=None: paddings.append(padding) or x)
     images = fake().train_set.images[:2]
     for scale in (False, True):
         dm = fake(augment=True, crop_padding=4, scale_crop_padding=scale, train_sizes=[16, 24, 32])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit import builders, precision, reproduce, run
+from vit import builders, precision, registry, reproduce, run, verdicts
 from vit.errors import ConfigError
 from vit.model import MultiHeadAttention, ViT, sdpa_is_faster
 
@@ -112,17 +112,17 @@ def test_a_tiny_run_says_why_it_is_not_compiled(make_cfg, caplog):
 
 
 def test_reproduce_reruns_a_row_in_the_precision_it_recorded():
-    registry = reproduce.load_registry()
-    seed = registry.row("seed")
+    rows = registry.load_registry()
+    seed = rows.row("seed")
     assert seed.precision == "32-true"
     assert reproduce.recorded_precision(seed, []) == "trainer.precision=32-true"
     assert reproduce.recorded_precision(seed, ["trainer.precision=bf16-mixed"]) is None  # the user's choice stands
-    assert all(row.precision for row in registry.rows if row.kind == "train")
+    assert all(row.precision for row in rows.rows if row.kind == "train")
 
 
 def test_reproduces_verdict_says_what_the_rerun_trained_in(tmp_path):
-    seed = reproduce.load_registry().row("seed")
+    seed = registry.load_registry().row("seed")
     (tmp_path / "run.json").write_text(json.dumps({"precision": "bf16-mixed"}))
-    assert reproduce.precision_verdict(seed, tmp_path) == "precision: bf16-mixed, not the row's (32-true)"
+    assert verdicts.precision_verdict(seed, tmp_path) == "precision: bf16-mixed, not the row's (32-true)"
     (tmp_path / "run.json").write_text(json.dumps({"precision": "32-true"}))
-    assert reproduce.precision_verdict(seed, tmp_path) == "precision: 32-true, the same as the row's (32-true)"
+    assert verdicts.precision_verdict(seed, tmp_path) == "precision: 32-true, the same as the row's (32-true)"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONF, ROOT, TINY
-from vit import reproduce
+from vit import registry, reproduce, train_process, verdicts
 from vit.cli import check_overrides
 from vit.errors import ConfigError
 
@@ -49,72 +49,72 @@ def write_registry(path: Path, rows, machines=MACHINES) -> Path:
 
 
 @pytest.fixture
-def fast(tmp_path) -> reproduce.Row:
+def fast(tmp_path) -> registry.Row:
     """A row like fast's: seed 42 timed where the manual's loop was, seeds 0 and 1 timed where it was not."""
     rows = [row("fast", [result(42, 70.13, 321.8, "race"), result(0, 71.01, 602, "busy"), result(1, 69.64, 594, "busy")])]
-    return reproduce.load_registry(write_registry(tmp_path / "registry.json", rows)).row("fast")
+    return registry.load_registry(write_registry(tmp_path / "registry.json", rows)).row("fast")
 
 
 # Verdicts -----------------------------------------------------------------------------------------------------------
 
 
 def test_a_time_is_scaled_by_the_two_machines_manual_loop_speeds(fast):
-    assert reproduce.expected_seconds(322, 199, 150.2) == pytest.approx(322 * 199 / 150.2)
-    lines = reproduce.time_verdicts(fast, 42, 412, 150.2)
+    assert verdicts.expected_seconds(322, 199, 150.2) == pytest.approx(322 * 199 / 150.2)
+    lines = verdicts.time_verdicts(fast, 42, 412, 150.2)
     assert lines[0] == (
         "time 412 s; recorded 322 s (seed 42) on AMD EPYC (2 cores, 2 torch threads, 2026-11-29) at 199 manual images/s, "
         "this machine 150.2 -> expected 426 s: 0.97x"
     )
     # Seeds 0 and 1 were timed where the manual's loop was not: no line for them under seed 42, an unscaled one under seed 0.
     assert len(lines) == 2 and lines[1].startswith("time spread: one recorded run scales to this machine (426 s)")
-    lines = reproduce.time_verdicts(fast, 0, 700, 150.2)
+    lines = verdicts.time_verdicts(fast, 0, 700, 150.2)
     assert "expected 426 s: 1.64x" in lines[0]
     assert lines[1].startswith("time 700 s; recorded 602 s (seed 0) on AMD EPYC (2 cores, 1 torch thread)")
     assert lines[1].endswith("no manual-loop speed was measured there, so that time can't be scaled to this machine")
 
 
 def test_a_time_without_a_manual_speed_is_not_scaled_but_an_estimate_gives_a_rough_range(tmp_path):
-    budget = reproduce.load_registry(write_registry(tmp_path / "r.json", [row("budget", [result(42, 83.14, 1873, "xeon")])])).row("budget")
-    (line,) = reproduce.time_verdicts(budget, 42, 2000, 200.0)
+    budget = registry.load_registry(write_registry(tmp_path / "r.json", [row("budget", [result(42, 83.14, 1873, "xeon")])])).row("budget")
+    (line,) = verdicts.time_verdicts(budget, 42, 2000, 200.0)
     assert "can't be scaled to this machine" in line
     low, high = 1873 * 220 / 200, 1873 * 240 / 200
     assert (
         f"at the 220-240 manual images/s measured in other sessions, expected {low:,.0f}-{high:,.0f} s, {2000 / high:.2f}-{2000 / low:.2f}x)" in line
     )
-    assert reproduce.expectation(budget, 42, 200.0) is None
+    assert verdicts.expectation(budget, 42, 200.0) is None
 
 
 def test_the_accuracy_is_judged_against_the_recorded_seeds_spread(fast):
-    assert reproduce.accuracy_verdict(fast, 42, 70.31) == (
+    assert verdicts.accuracy_verdict(fast, 42, 70.31) == (
         "seed 42: 70.31% (recorded 70.13%; seeds 42, 0, 1 span 69.64-71.01% over 3 runs): within the spread"
     )
-    assert reproduce.accuracy_verdict(fast, 42, 68.5).endswith(": 1.14 points below the spread")
-    assert reproduce.accuracy_verdict(fast, 0, 71.5).endswith(": 0.49 points above the spread")
-    assert reproduce.accuracy_verdict(fast, 7, 70.0).startswith("seed 7: 70.00% (no run of seed 7 recorded; seeds 42, 0, 1 span")
-    assert "the run printed none" in reproduce.accuracy_verdict(fast, 42, None)
+    assert verdicts.accuracy_verdict(fast, 42, 68.5).endswith(": 1.14 points below the spread")
+    assert verdicts.accuracy_verdict(fast, 0, 71.5).endswith(": 0.49 points above the spread")
+    assert verdicts.accuracy_verdict(fast, 7, 70.0).startswith("seed 7: 70.00% (no run of seed 7 recorded; seeds 42, 0, 1 span")
+    assert "the run printed none" in verdicts.accuracy_verdict(fast, 42, None)
 
 
 def test_one_recorded_run_has_no_spread_only_a_difference(tmp_path):
-    one = reproduce.load_registry(write_registry(tmp_path / "r.json", [row("one", [result(42, 76.9, 1543, "busy", note="a note")])])).row("one")
-    assert reproduce.accuracy_verdict(one, 42, 77.1) == "seed 42: 77.10% (recorded 76.90% (a note), one run: no spread): 0.20 points above it"
-    assert reproduce.accuracy_verdict(one, 3, 76.9).endswith("(no run of seed 3 recorded; seed 42's one run: 76.90%): the same")
+    one = registry.load_registry(write_registry(tmp_path / "r.json", [row("one", [result(42, 76.9, 1543, "busy", note="a note")])])).row("one")
+    assert verdicts.accuracy_verdict(one, 42, 77.1) == "seed 42: 77.10% (recorded 76.90% (a note), one run: no spread): 0.20 points above it"
+    assert verdicts.accuracy_verdict(one, 3, 76.9).endswith("(no run of seed 3 recorded; seed 42's one run: 76.90%): the same")
 
 
 def test_the_expected_time_is_said_before_the_run(fast):
-    assert reproduce.expectation(fast, 0, 150.2) == "expect about 426 s here (322 s recorded on AMD EPYC at 199 manual images/s)"
+    assert verdicts.expectation(fast, 0, 150.2) == "expect about 426 s here (322 s recorded on AMD EPYC at 199 manual images/s)"
 
 
 def test_the_time_verdict_gives_the_recorded_runs_spread_after_scaling_and_whether_this_run_is_inside_it(tmp_path):
     machines = {**MACHINES, "slow": {**MACHINES["race"], "manual_images_per_s": 100}, "quick": {**MACHINES["race"], "manual_images_per_s": 180}}
     rows = [row("two", [result(42, 70.0, 150, "slow"), result(0, 71.0, 100, "quick"), result(1, 70.5, 500, "busy")])]
-    two = reproduce.load_registry(write_registry(tmp_path / "r.json", rows, machines)).row("two")
+    two = registry.load_registry(write_registry(tmp_path / "r.json", rows, machines)).row("two")
     # At 150 manual images/s here, 150 s at 100 moves to 100 s and 100 s at 180 to 120 s; the unscaled 500 s is no part of it.
     span = "time spread: the row's 2 runs with a manual-loop speed, scaled to this machine, span 100-120 s (20% apart); "
-    assert reproduce.time_verdicts(two, 42, 110, 150.0)[-1] == span + "this run's 110 s is inside it"
-    assert reproduce.time_verdicts(two, 42, 132, 150.0)[-1] == span + "this run's 132 s is 10% above it"
-    assert reproduce.time_verdicts(two, 42, 90, 150.0)[-1] == span + "this run's 90 s is 10% below it"
-    one = reproduce.load_registry(write_registry(tmp_path / "o.json", [row("one", [result(42, 70.0, 150, "slow")])], machines)).row("one")
-    assert reproduce.time_verdicts(one, 42, 90, 150.0)[-1].endswith("one recorded run scales to this machine (100 s): no spread to judge this run by")
+    assert verdicts.time_verdicts(two, 42, 110, 150.0)[-1] == span + "this run's 110 s is inside it"
+    assert verdicts.time_verdicts(two, 42, 132, 150.0)[-1] == span + "this run's 132 s is 10% above it"
+    assert verdicts.time_verdicts(two, 42, 90, 150.0)[-1] == span + "this run's 90 s is 10% below it"
+    one = registry.load_registry(write_registry(tmp_path / "o.json", [row("one", [result(42, 70.0, 150, "slow")])], machines)).row("one")
+    assert verdicts.time_verdicts(one, 42, 90, 150.0)[-1].endswith("one recorded run scales to this machine (100 s): no spread to judge this run by")
 
 
 # One row's rerun, its child train.py faked ----------------------------------------------------------------------------
@@ -137,8 +137,8 @@ def fake_train(monkeypatch):
         run.seconds = 110.0
         return 0
 
-    monkeypatch.setattr(reproduce.Run, "start", lambda run: started.append(run.args))
-    monkeypatch.setattr(reproduce.Run, "stream", stream)
+    monkeypatch.setattr(train_process.Run, "start", lambda run: started.append(run.args))
+    monkeypatch.setattr(train_process.Run, "stream", stream)
     monkeypatch.setattr(reproduce, "manual_images_per_s", lambda *args, **kwargs: 150.0)
     return started
 
@@ -228,7 +228,7 @@ def test_the_manual_rows_time_lines_say_they_compare_two_projections(tmp_path, m
 def test_an_unknown_name_is_one_line_listing_the_names(capsys):
     assert reproduce.main(["nope"]) == 1
     err = capsys.readouterr().err
-    names = ", ".join(r.name for r in reproduce.load_registry().rows)
+    names = ", ".join(r.name for r in registry.load_registry().rows)
     assert err == f"Error: no result named 'nope': use one of {names} (python -m vit.reproduce --list)\n"
     assert reproduce.main([]) == 1
     assert capsys.readouterr().err.startswith(f"Error: name a result: python -m vit.reproduce NAME, NAME one of {names}")
@@ -237,7 +237,7 @@ def test_an_unknown_name_is_one_line_listing_the_names(capsys):
 def test_list_prints_every_row_with_its_command(capsys):
     assert reproduce.main(["--list"]) == 0
     out = capsys.readouterr().out
-    for r in reproduce.load_registry().rows:
+    for r in registry.load_registry().rows:
         assert re.search(rf"^{r.name} +{r.headline.accuracy:.2f}%", out, flags=re.MULTILINE)
         assert r.command in out
 
@@ -249,7 +249,7 @@ def test_seeds_and_overrides_are_split_and_a_run_dir_override_refused(fast, tmp_
         reproduce.split_seeds(fast, ["seed=x"])
     with pytest.raises(ConfigError, match=r"give --out DIR instead of hydra.run.dir="):
         reproduce.split_seeds(fast, ["hydra.run.dir=/tmp/x"])
-    manual = reproduce.load_registry(
+    manual = registry.load_registry(
         write_registry(
             tmp_path / "m.json", [row("manual", [result(42, 67.09, 5029, "race")], command="python bench/time_to_accuracy.py --data fake")]
         )
@@ -262,18 +262,18 @@ def test_seeds_and_overrides_are_split_and_a_run_dir_override_refused(fast, tmp_
 def test_a_broken_registry_is_one_line_naming_what_is_missing(tmp_path):
     path = write_registry(tmp_path / "r.json", [{"name": "x", "command": "python train.py"}])
     with pytest.raises(ConfigError, match=r"row 0 lacks what, results, frontier: give it name, what, command, results, frontier$"):
-        reproduce.load_registry(path)
+        registry.load_registry(path)
     path = write_registry(tmp_path / "r.json", [row("x", [result(42, 70.0, 10, "nowhere")])])
     with pytest.raises(ConfigError, match=r"row x, result 0 names the machine 'nowhere': define it under machines$"):
-        reproduce.load_registry(path)
+        registry.load_registry(path)
     path = write_registry(tmp_path / "r.json", [row("x", [result(42, 70.0, 10, "race")], command="python other.py")])
     with pytest.raises(ConfigError, match=r"row x's command must start with 'python train.py'"):
-        reproduce.load_registry(path)
+        registry.load_registry(path)
 
 
 # The registry against the project, the README and the picture -----------------------------------------------------------
 
-REGISTRY = reproduce.load_registry()
+REGISTRY = registry.load_registry()
 TIME = re.compile(r"(?<![\d.,-])(?:(\d+) min (\d+) s\b|(\d[\d,]*(?:\.\d+)?) (s|min)\b)")
 ACCURACY = re.compile(r"(\d+\.\d\d)(?:-(\d+\.\d\d))?%")
 
@@ -368,7 +368,7 @@ def test_the_frontier_picture_is_drawn_from_the_registry():
     spec = importlib.util.spec_from_file_location("frontier", ROOT / "bench" / "frontier.py")
     frontier = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(frontier)
-    points = frontier.load(reproduce.REGISTRY)
+    points = frontier.load(registry.REGISTRY)
     drawn = [r for r in REGISTRY.rows if r.frontier]
     assert [p["name"] for p in points if "name" in p] == [r.name for r in drawn]
     for point, entry in zip(points, drawn):

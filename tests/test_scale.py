@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import CONF, TINY, run_script
 from vit import augment, cli, parallel, run
-from vit.data import EpochBatches, FakeDataModule
+from vit.batches import EpochBatches
+from vit.data import FakeDataModule
 from vit.errors import ConfigError
 
 # One short epoch per job: what the launcher tests need is jobs, not learning.

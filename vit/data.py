@@ -1,8 +1,8 @@
 """CIFAR-10, CIFAR-100, SVHN (and any ImageFolder tree) as LightningDataModules.
 
 A whole data set is held as one uint8 tensor, shape (n, c, h, w), and batches are
-cut from it by index: no per-sample PIL work. Float conversion, normalisation,
-resizing and augmentation run batched on the device in ``on_after_batch_transfer``.
+cut from it by index (``vit.batches``): no per-sample PIL work. Float conversion, normalisation,
+resizing and augmentation run batched on the device in ``on_after_batch_transfer`` (``vit.images``).
 """
 
 from __future__ import annotations
@@ -11,146 +11,26 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from vit import loop_state
-from vit.augment import batch_generator, random_crop_flip, trivial_augment
+from vit.augment import batch_generator
+from vit.batches import EpochBatches, TensorImages, TrainLoader
 from vit.errors import ConfigError, first_line, require_int
+from vit.images import IMAGE_SUFFIXES, decode_image, to_model_input
 
 log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-class TensorImages(Dataset):
-    """Indexed by a whole batch of indices at once (see ``EpochBatches``)."""
-
-    def __init__(self, images: Tensor, labels: Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-
-class EpochBatches:
-    """Yields index batches; the order of epoch e depends only on (seed, e), so a resumed run sees the same order.
-
-    Under DDP each of ``num_replicas`` ranks takes its own contiguous share of that same order (Lightning's
-    DistributedSampler cannot wrap a sampler of whole batches). ``even_shares`` (training) leaves out the last
-    ``n % num_replicas`` indices of the order, so every rank takes as many steps; without it (evaluation) every
-    index comes exactly once and shares differ by at most one, so the synced metrics equal one process's.
-    """
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0, even_shares: bool = False):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.num_replicas, self.rank, self.even_shares = num_replicas, rank, even_shares
-        self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume_at(self, epoch: int, batches: int) -> None:
-        """The next pass over ``epoch`` leaves out its first ``batches`` batches (trained before an interruption)."""
-        self.epoch, self._resume = epoch, (epoch, batches)
-
-    def _share(self, order: Tensor) -> Tensor:
-        if self.even_shares:
-            order = order[: len(order) - len(order) % self.num_replicas]
-        return order.tensor_split(self.num_replicas)[self.rank]
-
-    def __len__(self) -> int:
-        return -(-len(self._share(torch.arange(self.n))) // self.batch_size)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.n)
-        skip = 0
-        if self._resume is not None:
-            if self._resume[0] == self.epoch:
-                skip = self._resume[1]
-            self._resume = None
-        yield from self._share(order).split(self.batch_size)[skip:]
-
-
-class TrainLoader(DataLoader):
-    """The training DataLoader, resumable in the middle of an epoch.
-
-    Lightning stores ``state_dict()`` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``)
-    and hands it back on resume: the epoch and how many of its batches were trained (``batches_done``, the
-    fit loop's count), so the resumed epoch goes on where it stopped instead of starting its order again.
-    """
-
-    def __init__(self, data: Dataset, sampler: EpochBatches, batches_done: Callable[[], int], **kwargs):
-        # Its own generator for the per-iterator base seed, which DataLoader otherwise draws from torch's global RNG:
-        # a run resumed mid-epoch starts an iterator the uninterrupted run did not, and its dropout would shift.
-        super().__init__(data, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(sampler.seed), **kwargs)
-        self.batches_done = batches_done
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done()}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.sampler.resume_at(state_dict["epoch"], state_dict["batches"])
-
-
-def resize(x: Tensor, side: int | None) -> Tensor:
-    """Float images (b, c, h, w) to side x side, antialiased; as they are where ``side`` is None or already theirs."""
-    if side is None or x.shape[-2:] == (side, side):
-        return x
-    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-
-
-def to_model_input(
-    images: Tensor,
-    mean: Sequence[float] | Tensor,
-    std: Sequence[float] | Tensor,
-    image_size: int | None = None,
-    crop_padding: int | None = None,
-    trivial: bool = False,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """uint8 (b, c, h, w) -> float (b, c, s, s): scaled to [0, 1], resized to ``image_size``,
-    augmented (random crop + flip when ``crop_padding`` is given, then TrivialAugment when
-    ``trivial``; drawn from ``generator``), normalised. Training, testing and predict share it."""
-    x = resize(images.float().div_(255), image_size)
-    if crop_padding is not None:
-        x = random_crop_flip(x, crop_padding, generator)
-    if trivial:
-        x = trivial_augment(x, generator)
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-def decode_image(path: str | Path, size: int) -> Tensor:
-    """Any image file (grayscale, RGBA, palette, any size) -> uint8 (3, size, size), as the folder data stores it."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # h w c -> c h w
 
 
 class ImageDataModule(L.LightningDataModule):

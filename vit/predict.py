@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 from vit import checkpoints
 from vit.builders import evaluation_module
 from vit.cli import check_command_line, run_reporting_errors
-from vit.data import IMAGE_SUFFIXES, decode_image, to_model_input
 from vit.errors import ConfigError, require_int
+from vit.images import IMAGE_SUFFIXES, decode_image, to_model_input
 
 log = logging.getLogger(__name__)
 
