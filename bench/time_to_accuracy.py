@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 import torch
+from clock import device_name, now  # the sibling module: bench/throughput.py's clock and device name
 from hydra import compose, initialize_config_dir
-from throughput import device_name, now  # the sibling script: same clock and device name
 
 from vit import manual
 from vit.cli import quiet_known_noise

@@ -172,29 +172,55 @@ def test_gpu_check_starts_each_call_in_fresh_run_dirs_so_a_cut_step_shows_no_ear
     assert now and not now & earlier
 
 
-def load_throughput():
-    """bench/throughput.py as a module, loaded once (its dataclasses look their module up in sys.modules)."""
-    if "throughput" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
-        sys.modules["throughput"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["throughput"])
-    return sys.modules["throughput"]
+def load_bench(*names: str):
+    """bench/NAME.py as modules, each loaded once under its own name, in the order given: a script imports its siblings
+    by name (bench/ is first on its path when it runs), and its dataclasses look their module up in sys.modules."""
+    for name in names:
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[name])
+    return sys.modules[names[-1]]
+
+
+def test_throughput_is_put_together_from_its_sibling_modules_and_reads_every_flag(monkeypatch, tmp_path):
+    """bench/throughput.py imports its parts as it does when run, and its command line reads each of its flags."""
+    throughput = load_bench("clock", "flop_limit", "profiles", "variants", "throughput")
+    variants = ["--device", "cpu", "--steps", "7", "--warmup", "2", "--batch", "16", "--best-batch", "64", "--best-steps", "3", "--data", "fake"]
+    variants += ["--seed", "5", "--precision", "32-true", "--threads", "1", "--skip", "compile", "best", "--rounds", "2", "--ops", "4"]
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *variants, "--data-dir", str(tmp_path)])
+    args = throughput.parse_args()
+    assert (args.steps, args.warmup, args.batch, args.best_batch, args.best_steps, args.seed, args.rounds, args.ops) == (7, 2, 16, 64, 3, 5, 2, 4)
+    assert (args.data, args.precision, args.threads, args.skip, args.data_dir, args.flop_mode) == (
+        "fake",
+        "32-true",
+        1,
+        ["compile", "best"],
+        tmp_path,
+        False,
+    )
+    flops = ["--flops", "--nets", "budget", "--run-dir", str(tmp_path), "--profile", "fast"]
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *flops])
+    args = throughput.parse_args()
+    assert (args.flop_mode, args.nets, args.run_dir, args.profile, args.steps, args.warmup) == (True, ["budget"], [tmp_path], ["fast"], 20, 5)
 
 
 def test_flops_per_image_of_a_linear_net_and_of_cpu_attention_match_the_hand_count():
-    """bench/throughput.py --flops counts a training step as forward + backward: the hand count of a 2-layer MLP (the first
-    layer's backward has no input gradient to make), and the CPU's fused attention, which FlopCounterMode alone counts as 0."""
+    """vit.flops (bench/throughput.py --flops) counts a training step as forward + backward: the hand count of a 2-layer MLP
+    (the first layer's backward has no input gradient to make), and the CPU's fused attention, which FlopCounterMode alone
+    counts as 0."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    throughput = load_throughput()
+    from vit.flops import count_step_flops
+
     batch, n_in, hidden, out = 4, 3 * 4 * 4, 32, 10
     net = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, out))
     x, y = torch.randn(batch, 3, 4, 4), torch.randint(0, out, (batch,))
     forward = 2 * (n_in * hidden + hidden * out)
     backward = 2 * (2 * hidden * out) + 2 * n_in * hidden  # layer 2: input and weight gradients; layer 1: weight gradient only
-    flops, optimizer_flops = throughput.count_step_flops(net, x, y, torch.optim.Adam(net.parameters()))
+    flops, optimizer_flops = count_step_flops(net, x, y, torch.optim.Adam(net.parameters()))
     assert (flops / batch, optimizer_flops) == (forward + backward, 0)  # Adam is elementwise: nothing counted
 
     class Attention(nn.Module):
@@ -206,7 +232,7 @@ def test_flops_per_image_of_a_linear_net_and_of_cpu_attention_match_the_hand_cou
             q = self.proj(x).view(2, 2, 16, 4)  # (b, heads, tokens, head dim)
             return F.scaled_dot_product_attention(q, q, q).flatten(1)[:, :10]
 
-    flops, _ = throughput.count_step_flops(Attention(), torch.randn(2, 16, 8), torch.randint(0, 10, (2,)))
+    flops, _ = count_step_flops(Attention(), torch.randn(2, 16, 8), torch.randint(0, 10, (2,)))
     bmm = 2 * (2 * 2) * 16 * 4 * 16  # one (tokens x dim) @ (dim x tokens) per batch and head
     projection = 2 * (2 * 16) * 8 * 8  # 32 token rows through an 8 x 8 map
     assert flops == 2 * projection + 7 * bmm  # the projection's forward and weight gradient; attention's 2 forward and 5 backward products
@@ -215,9 +241,9 @@ def test_flops_per_image_of_a_linear_net_and_of_cpu_attention_match_the_hand_cou
 def test_matmul_peak_is_a_rate_and_a_run_dir_share_adds_its_epochs(trained_run):
     import torch
 
-    throughput = load_throughput()
-    assert throughput.matmul_peak(torch.device("cpu"), n=64, repeats=2) > 0
-    share = throughput.run_share(trained_run, torch.device("cpu"), peak=1e12)
+    flop_limit = load_bench("clock", "flop_limit")
+    assert flop_limit.matmul_peak(torch.device("cpu"), n=64, repeats=2) > 0
+    share = flop_limit.run_share(trained_run, torch.device("cpu"), peak=1e12)
     assert share["epochs"] == 1 and share["images"] > 0 and list(share["sides"]) == [32]
     assert share["flops"] == share["flops_per_image"][32] * share["images"] > 0
     assert share["share"] == share["flops"] / share["train_time_s"] / 1e12
