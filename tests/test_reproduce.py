@@ -180,10 +180,11 @@ def test_a_gpu_run_against_cpu_records_gets_no_time_verdict(tmp_path, fake_train
     out = capsys.readouterr().out
     times = [line for line in verdict_lines(out) if line.startswith("  time")]
     assert times == [
-        "  time 110 s on a GPU; the row's times were recorded on CPUs: no time verdict (a GPU run is not compared with CPUs' records)"
+        "  time 110 s on a GPU; the row's times were recorded on CPUs: no time verdict (a GPU run is not compared with CPU records)"
         " (with trainer.accelerator=gpu: not the recorded command)"
     ]
     assert "expected" not in out and "expect about" not in out
+    assert "the manual's loop not timed: no time of this row on a GPU can be scaled by it" in out  # no work spent on it
 
 
 def test_the_not_the_recorded_command_note_stands_on_every_line_it_touches(tmp_path, fake_train, capsys):

@@ -8,7 +8,8 @@
 The results live in one registry, ``docs/frontier.json`` (``vit.registry`` reads it; its ``schema`` says what each
 field holds), which the README's results table and ``bench/frontier.py``'s picture are checked against / drawn from. For a row whose
 command is ``python train.py ...`` this first times a slice of the manual's training loop as printed
-(``vit.manual.Recipe.time_slice``, as ``bench/time_to_accuracy.py`` does) on this machine and the row's data, then
+(``vit.manual.Recipe.time_slice``, as ``bench/time_to_accuracy.py`` does) on this machine and the row's data (where
+a recorded time can be scaled by it), then
 runs the command in a subprocess (``vit.train_process``: its output and progress bar shown as they come, run dir
 ``--out``/seed<N>), timed from its start to its ``Accuracy on test set`` line, and prints one verdict per seed
 (``vit.verdicts``): the accuracy against the
@@ -37,7 +38,7 @@ from vit.errors import ConfigError
 from vit.machine import core_count, cpu_name
 from vit.registry import REGISTRY, Registry, Row, load_registry
 from vit.train_process import Run, Stopped
-from vit.verdicts import expectation, not_recorded, seconds_text, time_verdicts, verdicts
+from vit.verdicts import DEVICES, expectation, not_recorded, seconds_text, time_verdicts, uses_manual_speed, verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,9 +256,6 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
     if root is not None:
         data_dir = last_value([*row.args, *overrides], "paths.data_dir")
         warm_cache(root, Path(data_dir) if data_dir else ROOT / "data")
-    print(f"timing the manual's loop ({args.manual_steps} steps after {args.manual_warmup}) ...", flush=True)
-    here = manual_images_per_s(root, seeds[0], args.manual_warmup, args.manual_steps)
-    print(here_description(here, str(root) if root else f"data={kind} (torchvision's FakeData)"), flush=True)
     note = not_recorded(overrides)
     precision, accelerator = recorded_precision(row, overrides), recorded_device(row, overrides)
     pinned = [p for p in (precision, accelerator) if p]
@@ -266,6 +264,13 @@ def reproduce_train(row: Row, seeds: list[int], overrides: list[str], args: argp
     if accelerator:
         print(f"device: cpu, as recorded (a CUDA GPU is here, the row's results ran on CPUs; {accelerator} added to the command)", flush=True)
     device = run_device([*row.args, *overrides, *pinned])
+    here = None
+    if uses_manual_speed(row, device):
+        print(f"timing the manual's loop ({args.manual_steps} steps after {args.manual_warmup}) ...", flush=True)
+        here = manual_images_per_s(root, seeds[0], args.manual_warmup, args.manual_steps)
+        print(here_description(here, str(root) if root else f"data={kind} (torchvision's FakeData)"), flush=True)
+    else:
+        print(f"the manual's loop not timed: no time of this row on a {DEVICES[device]} can be scaled by it", flush=True)
     for seed in seeds:
         run = Run([*row.args, *overrides, *pinned, f"seed={seed}", f"hydra.run.dir={dirs[seed]}"], dirs[seed])
         session["run"] = run

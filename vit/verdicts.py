@@ -55,18 +55,19 @@ def time_verdicts(row: Row, seed: int, seconds: float | None, here_images_per_s:
     """One line per recorded time this run is compared with: every one whose machine's manual-loop speed is known
     (scaled to this machine; seeds barely change the time), and this seed's own where it is not (not scaled); then the
     spread of the scaled times, and whether this run is inside it. Times recorded on another device than this run's
-    (``device``: cpu or gpu) are not compared: a GPU run says nothing of a CPU's time. ``projected``: the manual's row,
-    whose times here and recorded are both projections, labelled so on every line."""
+    (``device``: cpu or gpu) are not compared: a GPU run says nothing of a CPU's time. ``here_images_per_s`` is None where
+    the manual's loop was not timed (``uses_manual_speed``). ``projected``: the manual's row, whose times here and
+    recorded are both projections, labelled so on every line."""
     label = " (a projection on both sides: the manual's 20 epochs projected from its timed steps, here as recorded)" if projected else ""
     measured = "no time (no accuracy line)" if seconds is None else seconds_text(seconds)
     measured = f"projected {measured}" if projected else measured
     recorded_times = [r for r in row.results if r.seconds is not None]
     comparable = [r for r in recorded_times if r.machine.device == device]
     if recorded_times and not comparable:
-        elsewhere = " and ".join(sorted({DEVICES[r.machine.device] + "s" for r in recorded_times}))
+        elsewhere = " and ".join(sorted({DEVICES[r.machine.device] for r in recorded_times}))
         return [
-            f"time {measured} on a {DEVICES[device]}; the row's times were recorded on {elsewhere}: no time verdict "
-            f"(a {DEVICES[device]} run is not compared with {elsewhere}' records)"
+            f"time {measured} on a {DEVICES[device]}; the row's times were recorded on {elsewhere}s: no time verdict "
+            f"(a {DEVICES[device]} run is not compared with {elsewhere} records)"
         ]
     timed = [r for r in comparable if r.machine.manual_images_per_s or r.seed == seed]
     if not timed:
@@ -99,6 +100,14 @@ def time_verdicts(row: Row, seed: int, seconds: float | None, here_images_per_s:
     return [line + label for line in [*lines, *([spread] if spread else [])]]
 
 
+def uses_manual_speed(row: Row, device: str) -> bool:
+    """Whether a run's time verdict uses this machine's speed of the manual's loop: a time recorded on the run's device
+    where that speed (or a rough estimate of it) was measured. Where none was, timing the loop here is work for nothing."""
+    return any(
+        r.seconds is not None and r.machine.device == device and (r.machine.manual_images_per_s or r.machine.manual_estimate) for r in row.results
+    )
+
+
 def time_spread(results: list[Result], seconds: float | None, here_images_per_s: float, measured: str) -> str | None:
     """The recorded runs' times scaled to this machine (those whose machine's manual-loop speed is known): their spread,
     which machines and sessions alone make 14-22% wide within one row, and whether this run's time (``measured``, as
@@ -123,7 +132,7 @@ def time_spread(results: list[Result], seconds: float | None, here_images_per_s:
     )
 
 
-def expectation(row: Row, seed: int, here_images_per_s: float, device: str = "cpu") -> str | None:
+def expectation(row: Row, seed: int, here_images_per_s: float | None, device: str = "cpu") -> str | None:
     """Before a run: how long it should take here, from the first scalable recorded time on this run's device (this seed's first)."""
     scalable = sorted(
         (r for r in row.results if r.seconds is not None and r.machine.manual_images_per_s and r.machine.device == device),
@@ -144,7 +153,7 @@ def not_recorded(overrides: list[str]) -> str:
     return f" (with {' '.join(overrides)}: not the recorded command)" if overrides else ""
 
 
-def verdicts(row: Row, seed: int, run_dir: Path, seconds: float | None, here_images_per_s: float, device: str, note: str) -> list[str]:
+def verdicts(row: Row, seed: int, run_dir: Path, seconds: float | None, here_images_per_s: float | None, device: str, note: str) -> list[str]:
     """What a finished run is told, a line each: its accuracy, its precision, its time; each with ``note``."""
     lines = [
         accuracy_verdict(row, seed, read_accuracy(run_dir)),
