@@ -51,7 +51,9 @@ def accuracy_verdict(row: Row, seed: int, accuracy: float | None) -> str:
     return f"seed {seed}: {accuracy:.2f}% ({context}): {judged}"
 
 
-def time_verdicts(row: Row, seed: int, seconds: float | None, here_images_per_s: float, device: str = "cpu", projected: bool = False) -> list[str]:
+def time_verdicts(
+    row: Row, seed: int, seconds: float | None, here_images_per_s: float | None, device: str = "cpu", projected: bool = False
+) -> list[str]:
     """One line per recorded time this run is compared with: every one whose machine's manual-loop speed is known
     (scaled to this machine; seeds barely change the time), and this seed's own where it is not (not scaled); then the
     spread of the scaled times, and whether this run is inside it. Times recorded on another device than this run's
