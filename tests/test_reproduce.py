@@ -59,7 +59,8 @@ def fast(tmp_path) -> reproduce.Row:
 
 
 def test_a_time_is_scaled_by_the_two_machines_manual_loop_speeds(fast):
-    assert reproduce.expected_seconds(322, 199, 150.2) == pytest.approx(322 * 199 / 150.2)
+    assert reproduce.expected_seconds(300, 200, 100) == 600  # a machine half as fast at the manual's loop: twice the time
+    assert reproduce.expected_seconds(322, 199, 150.2) == pytest.approx(426.6178, abs=1e-4)  # worked out by hand
     lines = reproduce.time_verdicts(fast, 42, 412, 150.2)
     assert lines[0] == (
         "time 412 s; recorded 322 s (seed 42) on AMD EPYC (2 cores, 2 torch threads, 2026-11-29) at 199 manual images/s, "
@@ -77,10 +78,8 @@ def test_a_time_without_a_manual_speed_is_not_scaled_but_an_estimate_gives_a_rou
     budget = reproduce.load_registry(write_registry(tmp_path / "r.json", [row("budget", [result(42, 83.14, 1873, "xeon")])])).row("budget")
     (line,) = reproduce.time_verdicts(budget, 42, 2000, 200.0)
     assert "can't be scaled to this machine" in line
-    low, high = 1873 * 220 / 200, 1873 * 240 / 200
-    assert (
-        f"at the 220-240 manual images/s measured in other sessions, expected {low:,.0f}-{high:,.0f} s, {2000 / high:.2f}-{2000 / low:.2f}x)" in line
-    )
+    # 1873 s at 220 and 240 manual images/s there, 200 here: 2,060.3 and 2,247.6 s; 2000 s is 0.97x and 0.89x of them
+    assert "at the 220-240 manual images/s measured in other sessions, expected 2,060-2,248 s, 0.89-0.97x)" in line
     assert reproduce.expectation(budget, 42, 200.0) is None
 
 
