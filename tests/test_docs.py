@@ -122,3 +122,12 @@ def test_the_readmes_preset_list_is_conf_experiment(group_options):
     listed = re.search(r"\(`conf/experiment/`: ([^)]*)\)", README.read_text())
     assert listed, "the README no longer lists the presets as (`conf/experiment/`: ...)"
     assert set(re.findall(r"`(\w+)`", listed.group(1))) == group_options["experiment"]
+
+
+def test_the_slow_test_table_names_every_file_with_slow_tests():
+    """docs/testing.md's table of slow tests: one row per test file that marks a test ``@pytest.mark.slow``, and no other."""
+    text = (ROOT / "docs" / "testing.md").read_text()
+    listed = re.findall(r"^\| `(tests/\w+\.py)` \|", text.split("## The slow tests", 1)[1], flags=re.MULTILINE)
+    marked = sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if re.search(r"^\s*@pytest\.mark\.slow\b", p.read_text(), re.MULTILINE))
+    assert marked, "no slow tests found: the pattern no longer matches the tests"
+    assert sorted(listed) == marked
