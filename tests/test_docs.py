@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -128,6 +129,17 @@ def test_the_slow_test_table_names_every_file_with_slow_tests():
     """docs/testing.md's table of slow tests: one row per test file that marks a test ``@pytest.mark.slow``, and no other."""
     text = (ROOT / "docs" / "testing.md").read_text()
     listed = re.findall(r"^\| `(tests/\w+\.py)` \|", text.split("## The slow tests", 1)[1], flags=re.MULTILINE)
-    marked = sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if re.search(r"^\s*@pytest\.mark\.slow\b", p.read_text(), re.MULTILINE))
+    marked = sorted(
+        f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if re.search(r"^\s*@pytest\.mark\.slow\b", p.read_text(), re.MULTILINE)
+    )
     assert marked, "no slow tests found: the pattern no longer matches the tests"
     assert sorted(listed) == marked
+
+
+def test_the_results_rows_the_docs_name_are_rows_of_the_registry():
+    """``python -m vit.reproduce NAME`` and "the row `NAME`" in the README and docs/: NAME is a row of docs/frontier.json."""
+    rows = {row["name"] for row in json.loads((ROOT / "docs" / "frontier.json").read_text())["rows"]}
+    pattern = re.compile(r"vit\.reproduce (?:--\S+ )*([a-z]\w*)|the (?:registry )?row `(\w+)`")
+    named = {(page.name, a or b) for page in DOCS for a, b in pattern.findall(page.read_text())}
+    assert len(named) >= 10, "the pattern no longer finds the rows the docs name"
+    assert sorted((page, name) for page, name in named if name not in rows) == []
