@@ -143,3 +143,26 @@ def test_the_results_rows_the_docs_name_are_rows_of_the_registry():
     named = {(page.name, a or b) for page in DOCS for a, b in pattern.findall(page.read_text())}
     assert len(named) >= 10, "the pattern no longer finds the rows the docs name"
     assert sorted((page, name) for page, name in named if name not in rows) == []
+
+
+FINAL_PRESETS = ("fast", "budget", "budget_max")  # the presets with figures of their own in docs/frontier.json
+
+
+def test_each_final_preset_says_how_often_the_test_split_was_read():
+    """In its config and in docs/speedrun.md's table, with a count."""
+    table = (ROOT / "docs" / "speedrun.md").read_text().split("## How often the test split was read", 1)
+    assert len(table) == 2, "docs/speedrun.md has no section on the test split's reads"
+    rows = dict(re.findall(r"^\| `(\w+)`[^|]*\| (\d+)[^|]* \|", table[1].split("\n## ", 1)[0], flags=re.MULTILINE))
+    assert sorted(rows) == sorted(FINAL_PRESETS)
+    for name in FINAL_PRESETS:
+        config = (CONF / "experiment" / f"{name}.yaml").read_text()
+        said = re.search(r"test split was read (\d+) times", " ".join(line.lstrip("# ") for line in config.splitlines()))
+        assert said and said.group(1) == rows[name], name
+
+
+def test_budgets_length_says_what_it_rested_on():
+    """11 epochs over 10 were picked on a test margin predicted from another preset: the preset and its notes say so."""
+    config = (CONF / "experiment" / "budget.yaml").read_text()
+    assert "rested on a prediction" in config and "budget_20epochs" in config
+    notes = (ROOT / "docs" / "speedrun.md").read_text()
+    assert "What the length rested on: not on validation alone." in notes
