@@ -166,3 +166,13 @@ def test_budgets_length_says_what_it_rested_on():
     assert "rested on a prediction" in config and "budget_20epochs" in config
     notes = (ROOT / "docs" / "speedrun.md").read_text()
     assert "What the length rested on: not on validation alone." in notes
+
+
+def test_the_readmes_test_command_is_what_ci_runs():
+    """The README's "set up and run the tests" command, step by step, is .ci/run's (which adds ruff before the tests)."""
+    block = re.search(r"Set up and run the tests.*?```bash\n(.*?)\n```", README.read_text(), flags=re.DOTALL)
+    assert block, "the README no longer has its test command"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    steps = [step.strip() for step in block.group(1).split("&&")]
+    assert [step for step in steps if step not in ci] == []
+    assert ci.index(steps[0]) < ci.index(steps[-1])
