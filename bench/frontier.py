@@ -2,7 +2,7 @@
 
 Why: one picture that says which preset to pick for a time budget on a CPU, and where published small-ViT
 results on other machines stand. The figures are not measured here: they are read from the results registry
-(default ``docs/frontier.json``, which the README's results table and ``python -m vit.reproduce`` read too): one
+(default ``docs/frontier.json``, which ``python -m vit.results_page`` and ``python -m vit.reproduce`` read too): one
 point per row that has a ``frontier`` entry, at its headline result, with a bar over its recorded results, and
 the published anchors with their sources. A plain JSON list of points (label, minutes, accuracy, source) is drawn
 as it is. Points of this project's machines are filled; anchors from other machines are hollow and say which machine.

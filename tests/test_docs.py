@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -122,3 +123,56 @@ def test_the_readmes_preset_list_is_conf_experiment(group_options):
     listed = re.search(r"\(`conf/experiment/`: ([^)]*)\)", README.read_text())
     assert listed, "the README no longer lists the presets as (`conf/experiment/`: ...)"
     assert set(re.findall(r"`(\w+)`", listed.group(1))) == group_options["experiment"]
+
+
+def test_the_slow_test_table_names_every_file_with_slow_tests():
+    """docs/testing.md's table of slow tests: one row per test file that marks a test ``@pytest.mark.slow``, and no other."""
+    text = (ROOT / "docs" / "testing.md").read_text()
+    listed = re.findall(r"^\| `(tests/\w+\.py)` \|", text.split("## The slow tests", 1)[1], flags=re.MULTILINE)
+    marked = sorted(
+        f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if re.search(r"^\s*@pytest\.mark\.slow\b", p.read_text(), re.MULTILINE)
+    )
+    assert marked, "no slow tests found: the pattern no longer matches the tests"
+    assert sorted(listed) == marked
+
+
+def test_the_results_rows_the_docs_name_are_rows_of_the_registry():
+    """``python -m vit.reproduce NAME`` and "the row `NAME`" in the README and docs/: NAME is a row of docs/frontier.json."""
+    rows = {row["name"] for row in json.loads((ROOT / "docs" / "frontier.json").read_text())["rows"]}
+    pattern = re.compile(r"vit\.reproduce (?:--\S+ )*([a-z]\w*)|the (?:registry )?row `(\w+)`")
+    named = {(page.name, a or b) for page in DOCS for a, b in pattern.findall(page.read_text())}
+    assert len(named) >= 10, "the pattern no longer finds the rows the docs name"
+    assert sorted((page, name) for page, name in named if name not in rows) == []
+
+
+FINAL_PRESETS = ("fast", "budget", "budget_max")  # the presets with figures of their own in docs/frontier.json
+
+
+def test_each_final_preset_says_how_often_the_test_split_was_read():
+    """In its config and in docs/speedrun.md's table, with a count."""
+    table = (ROOT / "docs" / "speedrun.md").read_text().split("## How often the test split was read", 1)
+    assert len(table) == 2, "docs/speedrun.md has no section on the test split's reads"
+    rows = dict(re.findall(r"^\| `(\w+)`[^|]*\| (\d+)[^|]* \|", table[1].split("\n## ", 1)[0], flags=re.MULTILINE))
+    assert sorted(rows) == sorted(FINAL_PRESETS)
+    for name in FINAL_PRESETS:
+        config = (CONF / "experiment" / f"{name}.yaml").read_text()
+        said = re.search(r"test split was read (\d+) times", " ".join(line.lstrip("# ") for line in config.splitlines()))
+        assert said and said.group(1) == rows[name], name
+
+
+def test_budgets_length_says_what_it_rested_on():
+    """11 epochs over 10 were picked on a test margin predicted from another preset: the preset and its notes say so."""
+    config = (CONF / "experiment" / "budget.yaml").read_text()
+    assert "rested on a prediction" in config and "budget_20epochs" in config
+    notes = (ROOT / "docs" / "speedrun.md").read_text()
+    assert "What the length rested on: not on validation alone." in notes
+
+
+def test_the_readmes_test_command_is_what_ci_runs():
+    """The README's "set up and run the tests" command, step by step, is .ci/run's (which adds ruff before the tests)."""
+    block = re.search(r"Set up and run the tests.*?```bash\n(.*?)\n```", README.read_text(), flags=re.DOTALL)
+    assert block, "the README no longer has its test command"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    steps = [step.strip() for step in block.group(1).split("&&")]
+    assert [step for step in steps if step not in ci] == []
+    assert ci.index(steps[0]) < ci.index(steps[-1])

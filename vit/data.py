@@ -173,7 +173,9 @@ class ImageDataModule(L.LightningDataModule):
         """The crops' and ops' random stream of one training batch on one rank (``augment.batch_generator``)."""
         return batch_generator(self.seed, rank, epoch, batch, device, purpose="augment")
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor] | Tensor, dataloader_idx: int) -> tuple[Tensor, Tensor] | Tensor:
+        if isinstance(batch, Tensor):  # the model summary's example image (ClassifierModule.setup): already the model's input
+            return batch
         images, labels = batch
         if self.trainer is None or not self.trainer.training:
             return self.preprocess(images), labels

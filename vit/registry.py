@@ -122,14 +122,20 @@ def _missing(entry: Any, keys: tuple[str, ...], where: str, path: Path) -> None:
         raise ConfigError(f"{path}: {where} lacks {', '.join(missing)}: give it {', '.join(keys)}")
 
 
-def load_registry(path: Path = REGISTRY) -> Registry:
-    """The registry at ``path``; a field missing or a machine not defined is one ConfigError naming it."""
+def read_registry(path: Path = REGISTRY) -> dict[str, Any]:
+    """The registry at ``path`` as plain JSON (machines and rows), for readers that render it as it stands."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read the results registry {path}: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not isinstance(data.get("machines"), dict):
         raise ConfigError(f"{path} is not a results registry: it needs machines and rows (see the schema in docs/frontier.json)")
+    return data
+
+
+def load_registry(path: Path = REGISTRY) -> Registry:
+    """The registry at ``path``; a field missing or a machine not defined is one ConfigError naming it."""
+    data = read_registry(path)
     machines = {}
     for key, entry in data["machines"].items():
         _missing(entry, MACHINE_KEYS, f"machine {key}", path)
