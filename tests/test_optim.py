@@ -91,10 +91,11 @@ def test_timm_nets_route_by_module(which):
 
 
 def test_a_net_without_hidden_matrices_is_refused(make_cfg):
-    """model=resnet18_cifar has convolutions and an output layer only: optim=muon would be AdamW under Muon's name."""
+    """model=resnet18_cifar has convolutions and an output layer only: optim=muon would be AdamW under Muon's name, and
+    the hint names the option that puts its convolutions under Muon."""
     data = [o for o in TINY if not o.startswith("model.")] + ["data.train_size=32", "data.val_size=0", "data.test_size=32"]
     cfg = make_cfg([*data, "model=resnet18_cifar", "optim=muon"], tiny=False)
-    with pytest.raises(ConfigError, match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=adamw$") as e:
+    with pytest.raises(ConfigError, match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=muon_convs \(.*\) or optim=adamw$") as e:
         build_for_fit(cfg)  # when the module is built, before the data loads
     assert "\n" not in str(e.value)
 
@@ -150,7 +151,7 @@ def test_split_qkv_takes_the_rows_the_attention_uses_as_q_k_and_v(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
     attention(torch.eye(12)[None])
-    blocks = qkv_blocks(attention.qkv.weight.detach())
+    blocks = qkv_blocks(attention.qkv.weight.detach(), attention.QKV_LAYOUT)
     for block, used in zip(blocks, seen["qkv"]):
         torch.testing.assert_close(block.T, used[0].permute(1, 0, 2).reshape(12, 12))  # h n d -> n (h d)
 
@@ -165,11 +166,11 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
     qkv = next(m.qkv.weight for m in net.modules() if isinstance(m, MultiHeadAttention))
     for model in (net, twin):
         torch.nn.functional.cross_entropy(model(x), y).backward()
-    start, grad = qkv.detach().clone(), qkv_blocks(qkv.grad)
+    start, grad = qkv.detach().clone(), qkv_blocks(qkv.grad, MultiHeadAttention.QKV_LAYOUT)
     split.step()
     fused.step()
     e = grad.shape[-1]
-    for block, g in zip(qkv_blocks(qkv.detach() - start), grad):
+    for block, g in zip(qkv_blocks(qkv.detach() - start, MultiHeadAttention.QKV_LAYOUT), grad):
         torch.testing.assert_close(block, -0.2 * e**0.5 * orthogonalize(g))
     moved = dict(twin.named_parameters())
     for name, p in net.named_parameters():
@@ -177,7 +178,7 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
             assert not torch.allclose(p, moved[name])  # fused orthogonalisation moves it otherwise
         else:
             torch.testing.assert_close(p, moved[name])
-    with pytest.raises(ConfigError, match="optim.split_qkv=true needs the project's ViT"):
+    with pytest.raises(ConfigError, match="optim.split_qkv and optim.muon_convs route by module: give MuonAdamW the net"):
         MuonAdamW([torch.nn.Parameter(torch.zeros(2, 2))], split_qkv=True)
 
 
@@ -205,7 +206,7 @@ def test_muon_convs_orthogonalises_every_conv_but_the_first_as_a_matrix():
     for name, p in net.named_parameters():
         if all(p is not w for w in convs[1:]):
             torch.testing.assert_close(p, moved[name])
-    with pytest.raises(ConfigError, match="optim.muon_convs=true needs a net with at least two convolutions"):
+    with pytest.raises(ConfigError, match=r"optim.muon_convs=true: ViT has no convolution for Muon .*: use optim=muon, or give it a convolutional stem"):
         MuonAdamW(ViT(**{**SMALL, "stem_channels": []}), muon_convs=True)  # the patch projection alone: it reads the image
 
 
