@@ -95,7 +95,10 @@ def test_a_net_without_hidden_matrices_is_refused(make_cfg):
     the hint names the option that puts its convolutions under Muon."""
     data = [o for o in TINY if not o.startswith("model.")] + ["data.train_size=32", "data.val_size=0", "data.test_size=32"]
     cfg = make_cfg([*data, "model=resnet18_cifar", "optim=muon"], tiny=False)
-    with pytest.raises(ConfigError, match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=muon_convs \(.*\) or optim=adamw$") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=muon_convs \(.*\) or optim=adamw$",
+    ) as e:
         build_for_fit(cfg)  # when the module is built, before the data loads
     assert "\n" not in str(e.value)
 
@@ -206,7 +209,9 @@ def test_muon_convs_orthogonalises_every_conv_but_the_first_as_a_matrix():
     for name, p in net.named_parameters():
         if all(p is not w for w in convs[1:]):
             torch.testing.assert_close(p, moved[name])
-    with pytest.raises(ConfigError, match=r"optim.muon_convs=true: ViT has no convolution for Muon .*: use optim=muon, or give it a convolutional stem"):
+    with pytest.raises(
+        ConfigError, match=r"optim.muon_convs=true: ViT has no convolution for Muon .*: use optim=muon, or give it a convolutional stem"
+    ):
         MuonAdamW(ViT(**{**SMALL, "stem_channels": []}), muon_convs=True)  # the patch projection alone: it reads the image
 
 
