@@ -165,6 +165,9 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__([g for g in groups if g["params"]], defaults)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "qkv_layouts": self.qkv_layouts}  # a copy (deepcopy, pickle) steps as this one
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
