@@ -148,6 +148,14 @@ def test_a_net_without_hidden_matrices_is_refused(make_cfg):
     assert "\n" not in str(e.value)
 
 
+def test_a_net_that_does_not_name_its_output_layers_is_refused():
+    """Nothing tells a plain stack's last Linear (its output layer) from a hidden one: rather than guess, and put the
+    output layer under Muon, the optimizer asks the net (``RoutedNet``) and refuses one that does not answer."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=r"Sequential does not name its own \(no output_layers\(\) method, .*\): add one or use optim=adamw$"):
+        MuonAdamW(net)
+
+
 def test_named_pairs_are_refused():
     """Names alone cannot tell a table or an output layer from a hidden map: the optimizer takes the net itself."""
     with pytest.raises(ConfigError, match=r"routes by module: give it the net"):
