@@ -90,13 +90,70 @@ def test_timm_nets_route_by_module(which):
     assert sorted(muon + adamw) == sorted(n for n, _ in net.named_parameters())
 
 
+@pytest.mark.parametrize(("split_qkv", "muon_convs"), [(False, False), (True, False), (False, True), (True, True)])
+def test_the_vits_groups_are_as_before_the_net_named_its_own_layers(split_qkv, muon_convs):
+    """The project's ViT's parameter groups, members and order, as the routing by class gave them (so its checkpoints'
+    optimizer states load as they were): Muon's (the encoder's Linear weights, but q/k/v under split_qkv, then the
+    convolutions after the first under muon_convs), the split q/k/v group, then AdamW's, each in the net's order."""
+    net = ViT(**SMALL)
+    optimizer = MuonAdamW(net, split_qkv=split_qkv, muon_convs=muon_convs)
+    names = [n for n, _ in net.named_parameters()]
+    linear = [n for n in names if n.startswith("1.") and n.endswith("weight") and net.get_parameter(n).ndim == 2]
+    qkv = [n for n in linear if n.endswith(".qkv.weight")] if split_qkv else []
+    convs = [n for n in names if net.get_parameter(n).ndim == 4][1:] if muon_convs else []
+    expected = [(True, False, [n for n in linear if n not in qkv] + convs), (True, True, qkv)]
+    expected.append((False, False, [n for n in names if n not in linear + convs]))
+    by_id = {id(p): n for n, p in net.named_parameters()}
+    groups = [(g["muon"], g.get("split_qkv", False), [by_id[id(p)] for p in g["params"]]) for g in optimizer.param_groups]
+    assert groups == [g for g in expected if g[2]]
+    assert len(linear) == SMALL["depth"] * 4 and len(convs) == (1 if muon_convs else 0)  # qkv, projection, MLP; the patch conv
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_timm_split_qkv_takes_the_rows_its_attention_uses_as_q_k_and_v(monkeypatch, which):
+    """As for the project's attention: timm's, fed the identity (no bias), hands scaled_dot_product_attention W_q, W_k and
+    W_v transposed, and they must be the blocks of the layout the net names (``TimmNet.qkv_projections``)."""
+    name, kwargs = TIMM_NETS[which]
+    net = TimmNet(name, n_classes=10, img_size=32, patch_size=4, kwargs=kwargs)
+    projections = net.qkv_projections()
+    attentions = [m for m in net.modules() if isinstance(getattr(m, "qkv", None), torch.nn.Linear)]
+    assert [layer for layer, _ in projections] == [m.qkv for m in attentions] and len(attentions) == 2  # every block's
+    layer, layout = projections[0]
+    attention = attentions[0]
+    attention.fused_attn = True
+    torch.nn.init.zeros_(layer.bias)
+    seen = {}
+
+    def capture(q, k, v, **kwargs):
+        seen["qkv"] = (q, k, v)
+        return q
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
+    e = layer.in_features  # 16 for the Swin: as many tokens as its 4 x 4 window holds
+    attention(torch.eye(e)[None])
+    for block, used in zip(qkv_blocks(layer.weight.detach(), layout), seen["qkv"]):
+        torch.testing.assert_close(block.T, used[0].permute(1, 0, 2).reshape(e, e))  # h n d -> n (h d)
+
+
 def test_a_net_without_hidden_matrices_is_refused(make_cfg):
-    """model=resnet18_cifar has convolutions and an output layer only: optim=muon would be AdamW under Muon's name."""
+    """model=resnet18_cifar has convolutions and an output layer only: optim=muon would be AdamW under Muon's name, and
+    the hint names the option that puts its convolutions under Muon."""
     data = [o for o in TINY if not o.startswith("model.")] + ["data.train_size=32", "data.val_size=0", "data.test_size=32"]
     cfg = make_cfg([*data, "model=resnet18_cifar", "optim=muon"], tiny=False)
-    with pytest.raises(ConfigError, match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=adamw$") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"optim=muon found no hidden weight matrices in the model \(ResNet18CIFAR; .*\): use optim=muon_convs \(.*\) or optim=adamw$",
+    ) as e:
         build_for_fit(cfg)  # when the module is built, before the data loads
     assert "\n" not in str(e.value)
+
+
+def test_a_net_that_does_not_name_its_output_layers_is_refused():
+    """Nothing tells a plain stack's last Linear (its output layer) from a hidden one: rather than guess, and put the
+    output layer under Muon, the optimizer asks the net (``RoutedNet``) and refuses one that does not answer."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=r"Sequential does not name its own \(no output_layers\(\) method, .*\): add one or use optim=adamw$"):
+        MuonAdamW(net)
 
 
 def test_named_pairs_are_refused():
@@ -161,7 +218,7 @@ def test_split_qkv_takes_the_rows_the_attention_uses_as_q_k_and_v(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", capture)
     attention(torch.eye(12)[None])
-    blocks = qkv_blocks(attention.qkv.weight.detach())
+    blocks = qkv_blocks(attention.qkv.weight.detach(), attention.QKV_LAYOUT)
     for block, used in zip(blocks, seen["qkv"]):
         torch.testing.assert_close(block.T, used[0].permute(1, 0, 2).reshape(12, 12))  # h n d -> n (h d)
 
@@ -176,10 +233,10 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
     qkv = next(m.qkv.weight for m in net.modules() if isinstance(m, MultiHeadAttention))
     for model in (net, twin):
         torch.nn.functional.cross_entropy(model(x), y).backward()
-    start, grad = qkv.detach().clone(), qkv_blocks(qkv.grad)
+    start, grad = qkv.detach().clone(), qkv_blocks(qkv.grad, MultiHeadAttention.QKV_LAYOUT)
     split.step()
     fused.step()
-    for block, g in zip(qkv_blocks(qkv.detach() - start), grad):
+    for block, g in zip(qkv_blocks(qkv.detach() - start, MultiHeadAttention.QKV_LAYOUT), grad):
         torch.testing.assert_close(block, lone_matrix_step(g))
     moved = dict(twin.named_parameters())
     for name, p in net.named_parameters():
@@ -187,7 +244,7 @@ def test_split_qkv_orthogonalises_q_k_and_v_apart_and_leaves_the_rest_as_before(
             assert not torch.allclose(p, moved[name])  # fused orthogonalisation moves it otherwise
         else:
             torch.testing.assert_close(p, moved[name])
-    with pytest.raises(ConfigError, match="optim.split_qkv=true needs the project's ViT"):
+    with pytest.raises(ConfigError, match="optim.split_qkv and optim.muon_convs route by module: give MuonAdamW the net"):
         MuonAdamW([torch.nn.Parameter(torch.zeros(2, 2))], split_qkv=True)
 
 
@@ -213,7 +270,9 @@ def test_muon_convs_orthogonalises_every_conv_but_the_first_as_a_matrix():
     for name, p in net.named_parameters():
         if all(p is not w for w in convs[1:]):
             torch.testing.assert_close(p, moved[name])
-    with pytest.raises(ConfigError, match="optim.muon_convs=true needs a net with at least two convolutions"):
+    with pytest.raises(
+        ConfigError, match=r"optim.muon_convs=true: ViT has no convolution for Muon .*: use optim=muon, or give it a convolutional stem"
+    ):
         MuonAdamW(ViT(**{**SMALL, "stem_channels": []}), muon_convs=True)  # the patch projection alone: it reads the image
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
 from PIL import Image
 
 from tests.conftest import TINY, run_script
@@ -13,6 +15,7 @@ from vit import predict, report, run
 from vit.builders import evaluation_module
 from vit.cli import run_reporting_errors
 from vit.errors import ConfigError
+from vit.module import ClassifierModule
 from vit.run import build_net, train
 from vit.zoo import ResNet18CIFAR, TimmNet
 
@@ -183,3 +186,73 @@ def test_finetune_preset_builds_from_a_local_file(make_cfg, tmp_path):
     datamodule, net, module = run.build_for_fit(cfg)  # checks the data's 224x224 against the net
     assert datamodule.image_shape() == (3, 224, 224) and net.img_size == 224 and net.n_classes == 10
     torch.testing.assert_close(net.model.blocks[0].attn.qkv.weight, source.model.blocks[0].attn.qkv.weight)
+
+
+# The zoo's nets as their configs build them, small: the project's ViT without and with a conv stem, timm's ViT-Ti,
+# the CIFAR ResNet-18 and a timm CNN whose classifier is a 1x1 conv (DLA).
+ZOO = {
+    "vit_cifar": ["model=vit_cifar", "model.emb_size=16", "model.depth=1", "model.num_heads=2", "model.patch_size=8"],
+    "vit_cifar_stem": ["model=vit_cifar", "model.emb_size=16", "model.depth=1", "model.num_heads=2", "model.patch_size=8", "model.stem_channels=[4]"],
+    "vit_tiny_cifar": ["model=vit_tiny_cifar", "model.kwargs={depth:1,embed_dim:16,num_heads:2}"],
+    "resnet18_cifar": ["model=resnet18_cifar"],
+    "dla46_c": ["model=timm", "model.name=dla46_c"],
+}
+SIDES = {"resnet18_cifar": 8, "dla46_c": 32}  # the CNNs take any size: small steps, within DLA's five halvings
+OPTIMS = {"adam": [], "adamw": [], "sgd": [], "muon": [], "muon_convs": [], "split_qkv": ["optim=muon", "optim.split_qkv=true"]}
+NO_CONV = r"optim.muon_convs=true: {} has no convolution for Muon \(the first, which reads the image, and the output layers stay with AdamW\): "
+NO_QKV = r"optim.split_qkv=true: {} names no fused q/k/v projection to split \(.*\): leave out optim.split_qkv$"
+NO_LINEAR = (
+    r"optim=muon found no hidden weight matrices in the model \({}; .*\): use optim=muon_convs \(its convolutions under Muon\) or optim=adamw$"
+)
+# Every other pair trains.
+REFUSED = {
+    ("vit_cifar", "muon_convs"): NO_CONV.format("ViT") + r"use optim=muon, or give it a convolutional stem \(model.stem_channels=\[32, 64\]\)$",
+    ("vit_tiny_cifar", "muon_convs"): NO_CONV.format("model.name=vit_tiny_patch16_224") + "use optim=muon$",
+    ("resnet18_cifar", "muon"): NO_LINEAR.format("ResNet18CIFAR"),
+    ("resnet18_cifar", "split_qkv"): NO_QKV.format("ResNet18CIFAR"),
+    ("dla46_c", "muon"): NO_LINEAR.format("model.name=dla46_c"),
+    ("dla46_c", "split_qkv"): NO_QKV.format("model.name=dla46_c"),
+}
+
+
+def last_layer(net: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """The last layer with parameters to run in a forward pass: the one that gives the logits, found without asking
+    the net."""
+    ran = []
+    layers = [m for m in net.modules() if not list(m.children()) and list(m.parameters())]
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m)) for m in layers]
+    with torch.no_grad():
+        net(x)
+    for hook in hooks:
+        hook.remove()
+    return ran[-1]
+
+
+@pytest.mark.parametrize("option", OPTIMS)
+@pytest.mark.parametrize("model", ZOO)
+def test_every_optimizer_option_trains_or_refuses_on_every_zoo_net(make_cfg, model, option):
+    """Each optimizer option on each kind of net the zoo builds: a few steps move every parameter with a finite loss,
+    or the module refuses it in one line whose hint fits that net. No output layer, whatever its kind, goes to Muon."""
+    cfg = make_cfg([*ZOO[model], *(OPTIMS[option] or [f"optim={option}"])], tiny=False)
+    net = build_net(cfg.model, 10)
+    if (model, option) in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[model, option]) as e:
+            ClassifierModule(net, optimizer=instantiate(cfg.optim))
+        assert "\n" not in str(e.value)
+        return
+    optimizer = ClassifierModule(net, optimizer=instantiate(cfg.optim)).configure_optimizers()
+    torch.manual_seed(0)
+    side = net.img_size or SIDES[model]
+    x, y = torch.randn(2, 3, side, side), torch.randint(0, 10, (2,))
+    head = last_layer(net, x)
+    in_muon = {id(p) for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    assert head.weight.ndim in (2, 4) and not in_muon & {id(p) for p in head.parameters()}, type(head)
+    assert bool(in_muon) == (option in ("muon", "muon_convs", "split_qkv"))
+    start = {name: p.detach().clone() for name, p in net.named_parameters()}
+    F.cross_entropy(net(x), y).backward()
+    optimizer.step()
+    names = {id(p): name for name, p in net.named_parameters()}
+    for group in optimizer.param_groups:  # the gradient reaches some of each group (not what a zero-init BatchNorm holds)
+        pushed = [names[id(p)] for p in group["params"] if p.grad.abs().sum() > 0]
+        assert pushed and [name for name in pushed if torch.equal(net.get_parameter(name), start[name])] == []
+    assert torch.isfinite(F.cross_entropy(net(x), y))

@@ -346,6 +346,14 @@ class ViT(nn.Sequential):
     def attention_modules(self) -> list[MultiHeadAttention]:
         return [m for m in self.modules() if isinstance(m, MultiHeadAttention)]
 
+    def output_layers(self) -> list[nn.Module]:
+        """The classifier head: optimizers that treat output layers apart (optim=muon) ask the net, not its classes."""
+        return [m for m in self.modules() if isinstance(m, ClassificationHead)]
+
+    def qkv_projections(self) -> list[tuple[nn.Linear, str]]:
+        """Each attention's fused q/k/v projection and how its rows hold q, k and v (``MultiHeadAttention.QKV_LAYOUT``)."""
+        return [(m.qkv, m.QKV_LAYOUT) for m in self.attention_modules()]
+
     @torch.no_grad()
     def attention_rollout(self, x: Tensor) -> Tensor:
         """(b, c, H, W) -> (b, n, n) attention rollout (Abnar & Zuidema, 2020, see ``rollout``), n = 1 + patches.

@@ -3,35 +3,51 @@ optimizer that declares ``takes_module``)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from vit.errors import ConfigError
-from vit.model import ClassificationHead, MultiHeadAttention
 
 # Newton-Schulz coefficients of Muon (Jordan et al. 2024), as torch.optim.Muon uses them.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-# Modules that are output layers by their name (timm: ViT's and DeiT's head, DeiT's head_dist, the ClassifierHead of
-# Swin and the CNNs), besides what a timm model's get_classifier() returns and the project ViT's ClassificationHead.
-HEAD_NAMES = ("head", "head_dist")
+
+
+class RoutedNet(Protocol):
+    """What MuonAdamW asks of a net, so that it routes parameters knowing none of the net's classes. The project's
+    ``ViT`` and ``vit.zoo``'s nets (any timm model, the CIFAR ResNet) meet it."""
+
+    def output_layers(self) -> list[nn.Module]:
+        """The layers that give the logits (classifier heads, of any kind): none of their parameters goes to Muon."""
+        ...
+
+    def qkv_projections(self) -> list[tuple[nn.Linear, str]]:
+        """Each fused q/k/v projection ((3 a, e) weight) with how its output rows hold q, k and v, as an einops group
+        of ``qkv``, ``h`` (heads) and ``d``: "(h d qkv)" interleaved, "(qkv h d)" q's rows first. Empty: none."""
+        ...
 
 
 def output_layers(net: nn.Module) -> list[nn.Module]:
-    """The net's classifier head(s): the project ViT's ClassificationHead, what timm's ``get_classifier()`` returns
-    (a module, or a tuple of them: DeiT's head and head_dist), and every module named ``head`` or ``head_dist``."""
-    heads = []
-    for name, module in net.named_modules():
-        if isinstance(module, ClassificationHead) or name.rsplit(".", 1)[-1] in HEAD_NAMES:
-            heads.append(module)
-        get_classifier = getattr(module, "get_classifier", None)
-        if callable(get_classifier):
-            found = get_classifier()
-            heads += [m for m in (found if isinstance(found, (tuple, list)) else [found]) if isinstance(m, nn.Module)]
-    return heads
+    """The net's output layers, as it names them (``RoutedNet.output_layers``); a net that names none is refused, since
+    an output layer must never go to Muon."""
+    named = getattr(net, "output_layers", None)
+    if not callable(named):
+        raise ConfigError(
+            f"optim=muon keeps the output layers with AdamW, and {_label(net)} does not name its own (no output_layers() method, "
+            "vit.optim.RoutedNet): add one or use optim=adamw"
+        )
+    return list(named())
+
+
+def qkv_layouts(net: nn.Module) -> dict[int, str]:
+    """The ids of the net's fused q/k/v projection weights, each with its layout (``RoutedNet.qkv_projections``)."""
+    named = getattr(net, "qkv_projections", None)
+    return {id(layer.weight): layout for layer, layout in (named() if callable(named) else [])}
 
 
 def split_for_muon(net: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -68,25 +84,23 @@ def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 
 def hidden_conv_weights(net: nn.Module) -> set[int]:
-    """The ids of the net's convolution weights but the first conv's (the one that reads the image): the stem's
-    hidden convolutions and the patch projection, maps between features as the Linear weights are."""
+    """The ids of the net's convolution weights but the first conv's (the one that reads the image) and the output
+    layers' (a conv head): the stem's hidden convolutions, the patch projection, a CNN's blocks; maps between
+    features as the Linear weights are."""
+    head = {id(p) for module in output_layers(net) for p in module.parameters()}
     convs = [m.weight for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.weight.requires_grad]
-    return {id(w) for w in convs[1:]}
+    return {id(w) for w in convs[1:]} - head
 
 
-def fused_qkv_weights(net: nn.Module) -> set[int]:
-    """The ids of the net's fused q/k/v projection weights (the project's ``MultiHeadAttention.qkv``)."""
-    return {id(m.qkv.weight) for m in net.modules() if isinstance(m, MultiHeadAttention)}
+def qkv_blocks(w: Tensor, layout: str) -> Tensor:
+    """(3a, e) -> (3, a, e): a fused projection's rows as the q, k and v matrices, laid out as ``layout`` says
+    (``RoutedNet.qkv_projections``)."""
+    return rearrange(w, f"{layout} e -> qkv (h d) e", h=1, qkv=3)
 
 
-def qkv_blocks(w: Tensor) -> Tensor:
-    """(3e, e) -> (3, e, e): a fused projection's rows as the q, k and v matrices (``MultiHeadAttention.QKV_LAYOUT``)."""
-    return rearrange(w, f"{MultiHeadAttention.QKV_LAYOUT} e -> qkv (h d) e", h=1, qkv=3)
-
-
-def qkv_fused(w: Tensor) -> Tensor:
-    """(3, e, e) -> (3e, e): ``qkv_blocks`` undone."""
-    return rearrange(w, f"qkv (h d) e -> {MultiHeadAttention.QKV_LAYOUT} e", h=1)
+def qkv_fused(w: Tensor, layout: str) -> Tensor:
+    """(3, a, e) -> (3a, e): ``qkv_blocks`` undone."""
+    return rearrange(w, f"qkv (h d) e -> {layout} e", h=1)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -99,11 +113,12 @@ class MuonAdamW(torch.optim.Optimizer):
     ("match_rms_adamw", Liu et al. 2025, "Muon is scalable"), so AdamW's ``lr`` and ``weight_decay`` carry over.
 
     ``params``: the net (an ``nn.Module``: the module passes it, see ``takes_module``), routed by module
-    (``split_for_muon``); a net with no hidden weight matrices is refused (it would train as AdamW under Muon's
-    name). Plain parameters are routed by shape alone (2-D to Muon; none 2-D: AdamW). ``split_qkv``: orthogonalise
-    the fused q/k/v projection of each ``MultiHeadAttention`` as three matrices, as Muon's authors treat q, k and v,
-    rather than one (3e, e) matrix; each is then scaled as an (e, e) matrix. ``muon_convs``: every convolution but
-    the first (``hidden_conv_weights``) under Muon too, its (out, in, kh, kw) weight orthogonalised as an
+    (``split_for_muon``) and by what the net says of itself (``RoutedNet``: its output layers, its q/k/v layout); a
+    net with no hidden weight matrices is refused (it would train as AdamW under Muon's name). Plain parameters are
+    routed by shape alone (2-D to Muon; none 2-D: AdamW). ``split_qkv``: orthogonalise each fused q/k/v projection
+    (``RoutedNet.qkv_projections``) as three matrices, as Muon's authors treat q, k and v, rather than one (3a, e)
+    matrix; each is then scaled as an (a, e) matrix. ``muon_convs``: every convolution but the first and the output
+    layers (``hidden_conv_weights``) under Muon too, its (out, in, kh, kw) weight orthogonalised as an
     (out, in kh kw) matrix, as airbench94_muon trains its convolutions; the first stays with AdamW.
     """
 
@@ -133,24 +148,15 @@ class MuonAdamW(torch.optim.Optimizer):
         if not (isinstance(ns_steps, int) and ns_steps > 0):
             raise ConfigError(f"optim.ns_steps must be a positive integer, got {ns_steps!r}")
         if isinstance(params, nn.Module):
-            muon, adamw = ([p for _, p in pairs] for pairs in split_for_muon(params))
-            if not muon:
-                raise ConfigError(
-                    f"optim=muon found no hidden weight matrices in the model ({_label(params)}; Muon takes the 2-D weights of linear "
-                    "layers between features, not convolutions, tables or the output layer): use optim=adamw"
-                )
+            muon, adamw, layouts = self._route(params, split_qkv, muon_convs)
         else:
+            if split_qkv or muon_convs:
+                raise ConfigError("optim.split_qkv and optim.muon_convs route by module: give MuonAdamW the net, not its parameters")
             plain = [p for p in _plain(params) if p.requires_grad]
-            muon, adamw = [p for p in plain if p.ndim == 2], [p for p in plain if p.ndim != 2]
-        convs = hidden_conv_weights(params) if isinstance(params, nn.Module) and muon_convs else set()
-        if muon_convs and not convs:
-            raise ConfigError(
-                "optim.muon_convs=true needs a net with at least two convolutions (model.stem_channels=[...]): this one has none to move to Muon"
-            )
-        muon, adamw = muon + [p for p in adamw if id(p) in convs], [p for p in adamw if id(p) not in convs]
-        fused = fused_qkv_weights(params) if isinstance(params, nn.Module) and split_qkv else set()
-        if split_qkv and not fused:
-            raise ConfigError("optim.split_qkv=true needs the project's ViT (model=vit_cifar): this model has no fused q/k/v projection to split")
+            muon, adamw, layouts = [p for p in plain if p.ndim == 2], [p for p in plain if p.ndim != 2], {}
+        fused = {id(p) for p in muon if id(p) in layouts}
+        # Each split projection's layout, by parameter: kept out of the groups, so the state_dict is as it was.
+        self.qkv_layouts = {p: layouts[id(p)] for p in muon if id(p) in fused}
         groups = [
             {"params": [p for p in muon if id(p) not in fused], "muon": True},
             *([{"params": [p for p in muon if id(p) in fused], "muon": True, "split_qkv": True}] if fused else []),
@@ -158,6 +164,9 @@ class MuonAdamW(torch.optim.Optimizer):
         ]
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__([g for g in groups if g["params"]], defaults)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "qkv_layouts": self.qkv_layouts}  # a copy (deepcopy, pickle) steps as this one
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -179,15 +188,44 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _muon_update(p: Tensor, state: dict, group: dict, lr: float) -> None:
+    def _route(net: nn.Module, split_qkv: bool, muon_convs: bool) -> tuple[list[Tensor], list[Tensor], dict[int, str]]:
+        """(Muon's, AdamW's, the fused q/k/v weights' layouts by id) for the net and the options, or a one-line refusal
+        whose hint fits the net."""
+        label = _label(net)
+        muon, adamw = ([p for _, p in pairs] for pairs in split_for_muon(net))
+        convs = hidden_conv_weights(net)
+        if muon_convs and not convs:
+            stem = ", or give it a convolutional stem (model.stem_channels=[32, 64])" if _takes(net, "stem_channels") else ""
+            raise ConfigError(
+                f"optim.muon_convs=true: {label} has no convolution for Muon (the first, which reads the image, and the output "
+                f"layers stay with AdamW): use optim=muon{stem}"
+            )
+        if muon_convs:
+            muon, adamw = muon + [p for p in adamw if id(p) in convs], [p for p in adamw if id(p) not in convs]
+        layouts = qkv_layouts(net) if split_qkv else {}
+        if split_qkv and not {id(p) for p in muon} & layouts.keys():
+            raise ConfigError(
+                f"optim.split_qkv=true: {label} names no fused q/k/v projection to split (the project's ViT and timm's ViT and "
+                "Swin attention have one): leave out optim.split_qkv"
+            )
+        if not muon:
+            fix = "optim=muon_convs (its convolutions under Muon) or optim=adamw" if convs else "optim=adamw"
+            raise ConfigError(
+                f"optim=muon found no hidden weight matrices in the model ({label}; Muon takes the 2-D weights of linear layers "
+                f"between features, not convolutions, tables or the output layer): use {fix}"
+            )
+        return muon, adamw, layouts
+
+    def _muon_update(self, p: Tensor, state: dict, group: dict, lr: float) -> None:
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1 - mu)
         update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
         if group.get("split_qkv"):
-            update = qkv_blocks(update)
-            p.add_(qkv_fused(orthogonalize(update, group["ns_steps"])), alpha=-lr * 0.2 * math.sqrt(max(update.shape[-2:])))
+            layout = self.qkv_layouts[p]
+            update = qkv_blocks(update, layout)
+            p.add_(qkv_fused(orthogonalize(update, group["ns_steps"]), layout), alpha=-lr * 0.2 * math.sqrt(max(update.shape[-2:])))
         else:  # a conv's (out, in, kh, kw) as (out, in kh kw)
             matrix = update.flatten(1)
             p.add_(orthogonalize(matrix, group["ns_steps"]).view_as(p), alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
@@ -214,6 +252,11 @@ def _plain(params: Iterable) -> list[Tensor]:
     if params and isinstance(params[0], tuple):
         raise ConfigError("MuonAdamW routes by module: give it the net (MuonAdamW(net)) or plain parameters, not (name, parameter) pairs")
     return params
+
+
+def _takes(net: nn.Module, key: str) -> bool:
+    """Whether the net's constructor takes ``key`` (so ``model.KEY`` is a setting of this model)."""
+    return key in inspect.signature(type(net)).parameters
 
 
 def _label(net: nn.Module) -> str:

@@ -12,10 +12,19 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from vit.errors import ConfigError, first_line
 from vit.model import rollout
+
+# timm's attention modules whose fused ``qkv`` Linear the project knows the layout of: both reshape its output to
+# (b, n, 3, heads, head_dim), q's rows first. Other attentions (MaxViT's interleaves by head) name none.
+QKV_LAYOUTS = {Attention: "(qkv h d)", WindowAttention: "(qkv h d)"}
+# Output layers by name besides get_classifier()'s: ViT's and DeiT's head, DeiT's head_dist, the whole ClassifierHead of
+# Swin and the CNNs (its pre-logits layers too).
+HEAD_NAMES = ("head", "head_dist")
 
 
 class TimmNet(nn.Module):
@@ -89,6 +98,19 @@ class TimmNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def output_layers(self) -> list[nn.Module]:
+        """The classifier: what timm's ``get_classifier()`` returns (a Linear, a 1x1 conv as DLA's, DeiT's head and
+        head_dist) and every module named ``head`` or ``head_dist``; optim=muon keeps them with AdamW."""
+        found = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
+        heads = [m for m in (found if isinstance(found, (tuple, list)) else [found]) if isinstance(m, nn.Module)]
+        return heads + [m for name, m in self.model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_NAMES]
+
+    def qkv_projections(self) -> list[tuple[nn.Linear, str]]:
+        """Each fused q/k/v projection of an attention in ``QKV_LAYOUTS``, with its layout; none for a CNN."""
+        return [
+            (m.qkv, QKV_LAYOUTS[type(m)]) for m in self.model.modules() if type(m) in QKV_LAYOUTS and isinstance(getattr(m, "qkv", None), nn.Linear)
+        ]
 
     @property
     def dynamic_img_size(self) -> bool:
