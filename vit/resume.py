@@ -194,13 +194,13 @@ def compare(trained: dict, now: dict) -> Changes:
         if section not in trained:  # a checkpoint from before this section was stored
             continue
         if section != "callbacks":
-            _compare_node(section, trained, now, judge, lambda key: [key])
+            _compare_node(section, trained, now, judge)
             continue
         old, new = trained["callbacks"] or {}, now.get("callbacks") or {}
         for name in sorted(set(old) | set(new)):
             key, classes = f"callbacks.{name}", _classes(new.get(name) or old.get(name))
             if name in old and name in new and old[name].get("_target_") == new[name].get("_target_"):
-                _compare_node(key, trained, now, judge, lambda k, c=classes, n=len(key): [f"callbacks({x}){k[n:]}" for x in c])
+                _compare_node(key, trained, now, judge, classes)
                 continue
             before, after = (old.get(name) or {}).get("_target_"), (new.get(name) or {}).get("_target_")
             spellings = [f"callbacks({x})" for x in (*classes, *(_classes(old.get(name)) if before and after else ()))]
@@ -222,7 +222,8 @@ def _effective(config: dict, key: str, legacy: bool) -> dict[str, Any]:
     return {**{f"{key}.{k}": v for k, v in defaults.items() if k not in node}, **_flat(node, key)}
 
 
-def _compare_node(key: str, trained: dict, now: dict, judge: Any, spell: Any) -> None:
+def _compare_node(key: str, trained: dict, now: dict, judge: Any, classes: list[str] | None = None) -> None:
+    """Judges each setting of node ``key`` that differs; ``classes``: a callback's, spelled ``callbacks(Name).key``."""
     old, new = _node(trained, key), _node(now, key)
     legacy = "defaults" not in trained
     nodes = isinstance(old, dict) and isinstance(new, dict)
@@ -243,7 +244,8 @@ def _compare_node(key: str, trained: dict, now: dict, judge: Any, spell: Any) ->
             shown = f"{written[flat_key]}"
         else:
             shown = "<unset>" if was is _UNKNOWN else f"{_plain(was)!r} (unset there: its default)"
-        judge(flat_key, spell(flat_key), was, is_now, shown)
+        spellings = [f"callbacks({c}){flat_key[len(key) :]}" for c in classes] if classes else [flat_key]
+        judge(flat_key, spellings, was, is_now, shown)
 
 
 def _shown(value: Any) -> str:
