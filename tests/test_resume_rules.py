@@ -107,7 +107,7 @@ def stored_default(section: str, key: str, value):
     """An edit: the checkpoint's run had ``key`` at another default than today's code has (an option added since)."""
 
     def edit(stored: dict) -> None:
-        stored["defaults"][section][key] = value
+        stored.setdefault("defaults", {}).setdefault(section, {})[key] = value
 
     return edit
 
@@ -150,7 +150,7 @@ def test_a_checkpoint_from_before_the_whole_config_was_stored_resumes_as_before(
     """No ``defaults``, no callbacks, four trainer keys: only what was compared then is compared."""
 
     def old_format(stored: dict) -> None:
-        del stored["defaults"], stored["callbacks"]
+        stored.pop("defaults", None), stored.pop("callbacks", None)
         stored["trainer"] = {k: stored["trainer"][k] for k in ("max_epochs", "accumulate_grad_batches", "gradient_clip_val", "limit_train_batches")}
 
     path = checkpoint_of(make_cfg, tmp_path, edit=old_format)
