@@ -89,7 +89,11 @@ def test_trainer_settings_let_through_are_logged_and_recorded(make_cfg, tmp_path
         (["callbacks=ema"], ["callbacks=ema", "callbacks.ema.decay=0.99"], "callbacks.ema.decay=0.999"),
         ([], ["callbacks.model_checkpoint.monitor=val/loss"], "callbacks.model_checkpoint.monitor=val/acc"),
         ([], ["~callbacks.model_checkpoint"], "callbacks.model_checkpoint=vit.callbacks.RunCheckpoint"),
-        ([], ["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "+callbacks.swa.swa_lrs=0.01"], "callbacks.swa=<none>"),
+        (
+            [],
+            ["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "+callbacks.swa.swa_lrs=0.01"],
+            "callbacks.swa=<none>",
+        ),
     ],
 )
 def test_callbacks_that_change_what_trains_or_is_tested_are_refused(make_cfg, tmp_path, trained, now, named):
