@@ -124,7 +124,10 @@ def first_problem(config: DictConfig) -> str | None:
         return None
     name = config.hydra.job.get("config_name") or "train"
     for label, job in jobs(config)[:MAX_CHECKED_JOBS]:
-        found = problems(compose(config_name=name, overrides=job))
+        try:
+            found = problems(compose(config_name=name, overrides=job))
+        except Exception:  # noqa: BLE001 - a job that cannot be composed fails at its own start, with its own line
+            continue
         if found:
             return f"{found[0]} ({label})"
     return None
