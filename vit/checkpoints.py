@@ -124,7 +124,7 @@ def resume_from(cfg: DictConfig, stored: dict, path: str | Path | None = None) -
     changes = compare(trained, stored)
     if changes.refused:
         raise ConfigError(
-            f"ckpt_path={path} was trained with {', '.join(changes.refused)}: resume with the settings it was trained with "
+            f"ckpt_path={path} was trained with {changes.refusal()}: resume with the settings it was trained with "
             "(docs/resume-and-errors.md lists what may change), or start a new run"
         )
     for line in changes.logged:

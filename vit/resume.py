@@ -105,7 +105,12 @@ _UNKNOWN = object()
 @dataclass
 class Changes:
     refused: list[str]  # ``key=the checkpoint's value``
+    why: dict[str, list[str]]  # why refused -> the refused ``key=value``s it holds for
     logged: list[str]  # ``key: old -> new: what happens from the resume on``
+
+    def refusal(self) -> str:
+        """The refused settings grouped by why: ``optim.lr=0.001 (the restored optimizer keeps ...); seed=42 (...)``."""
+        return "; ".join(f"{', '.join(items)} ({why})" for why, items in self.why.items())
 
 
 def rule_for(keys: list[str], has_val: bool = False, has_schedule: bool = False) -> tuple[str, str]:
@@ -181,12 +186,13 @@ def compare(trained: dict, now: dict) -> Changes:
         now["trainer"] = {k: (now.get("trainer") or {}).get(k) for k in LEGACY_TRAINER_KEYS}
     has_val = any((c.get("data") or {}).get("val_size") for c in (trained, now))
     has_schedule = any(c.get("scheduler") is not None for c in (trained, now) if "scheduler" in c)
-    changes = Changes([], [])
+    changes = Changes([], {}, [])
 
     def judge(key: str, spellings: list[str], was: Any, is_now: Any, shown_was: str) -> None:
         verdict, why = rule_for(spellings, has_val, has_schedule)
         if verdict == REFUSE:
             changes.refused.append(f"{key}={shown_was}")
+            changes.why.setdefault(why, []).append(changes.refused[-1])
         elif verdict == LOG:
             changes.logged.append(f"{key}: {_shown(was)} -> {_shown(is_now)}: {why}")
 
