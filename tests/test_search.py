@@ -38,6 +38,7 @@ def test_a_run_that_cannot_produce_its_metric_stops_before_training(make_cfg, ov
 def sweep_config(overrides: list[str], swept: list[str] = (), params: dict | None = None, base: list[str] = TINY):
     """The config a ``python train.py -m`` sweep's callbacks get: ``swept`` are the grid's list overrides, ``params``
     an Optuna search's added search space."""
+    base = [o for o in base if o.split("=")[0] not in (params or {})]  # a key searched is not also fixed
     GlobalHydra.instance().clear()
     initialize_config_dir(config_dir=str(CONF), version_base="1.3")
     config = compose("train", overrides=[*base, *overrides], return_hydra_config=True)
@@ -62,6 +63,7 @@ def stops_before_the_first_trial(config, capsys) -> str:
     [
         ([VAL], ["data.val_size=64,0"], None, "data.val_size=0: set data.val_size > 0 (e.g. 5000) (job 1 (data.val_size=0))"),
         (["hparams_search=optuna"], [], {"data.val_size": "choice(64, 0)"}, "(a trial with data.val_size=0)"),
+        ([VAL], [], {"data.val_size": "64,0"}, "(job 1 (data.val_size=0))"),  # a grid's hydra.sweeper.params
         (["hparams_search=optuna", "trainer.limit_val_batches=0"], [], None, "trainer.limit_val_batches=0"),
         (["hparams_search=optuna", "optimized_metric=null"], [], None, "an Optuna search needs optimized_metric=val/acc"),
         (

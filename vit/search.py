@@ -97,14 +97,14 @@ def jobs(config: DictConfig) -> list[tuple[str, list[str]]]:
     for any other sweeper (Optuna), the fixed overrides with each value each searched key may take, one key at a time."""
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(list(config.hydra.overrides.task))
-    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    params = parser.parse_overrides([f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()])
     if str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-        grid = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        swept = [o.get_key_element() for o in [*params, *parsed] if o.is_sweep_override()]
+        grid = [job for batch in BasicSweeper.split_arguments([*params, *parsed], None) for job in batch]  # params first, as Hydra
         return [(f"job {n} ({' '.join(o for o in job if o.split('=')[0] in swept)})", job) for n, job in enumerate(grid)]
-    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    searched = [o for o in [*parsed, *parser.parse_overrides(params)] if o.is_sweep_override()]
+    searched = [o for o in [*parsed, *params] if o.is_sweep_override()]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     found = [("the search's fixed settings", fixed)]
     for override in searched:
