@@ -5,7 +5,6 @@ compares with its own."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -17,42 +16,45 @@ from typing import Any
 
 import torch
 import yaml
-from hydra.utils import get_object
 from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from vit.callbacks import INTERRUPTED
 from vit.errors import ConfigError, first_line
+from vit.precision import resolve_precision
+from vit.resume import compare, constructor_defaults, settings_that_differ
 
 log = logging.getLogger(__name__)
 
 USAGE = "give ckpt=outputs/<date>/<time>_<us> (a run dir) or ckpt=path/to/file.ckpt"
-# The config sections a checkpoint stores: what the net, data and training were.
-STORED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed")
-# The trainer settings that change what is trained, stored with the run config so a resume can compare them.
-TRAINED_TRAINER_KEYS = ("max_epochs", "accumulate_grad_batches", "gradient_clip_val", "limit_train_batches")
-# Stored keys that may differ on resume: where data is read from or how it is handled, and evaluation-only settings.
-MAY_DIFFER_ON_RESUME = (
-    "model.compile",
-    "model.fused",  # which attention kernel computes the same attention
-    "data.data_dir",
-    "data.root",
-    "data.eval_batch_size",
-    "data.device_resident",
-)
-# Evaluation-only, but with a validation split they make val/acc, which chooses the best checkpoint across the resume
-# (old views before it, new ones after) and which views the final test uses: they may differ only without one.
-TEST_VIEWS = ("module.tta_flip", "module.tta_shift")
+# The config sections a checkpoint stores, resolved: what the net, data and training were (vit.resume: what may change).
+STORED_KEYS = ("model", "data", "optim", "scheduler", "module", "seed", "trainer", "callbacks")
 
 
 def stored_config(cfg: DictConfig, classes: Sequence[str]) -> dict[str, Any]:
-    """What every checkpoint of this run stores (plain containers): the run's resolved settings, the model's class
-    count and the classes' order (from the data), and the trainer settings that change what is trained."""
-    stored = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in STORED_KEYS if k in cfg}
+    """What every checkpoint of this run stores (plain containers): the run's resolved settings (the trainer's
+    precision as resolved for this machine), the model's class count and the classes' order (from the data), and the
+    defaults its targets had for the keys it leaves out (``defaults``), which a resume compares with (``vit.resume``)."""
+    stored = {k: _resolved(cfg[k]) for k in STORED_KEYS if k in cfg}
     stored["model"]["n_classes"] = len(classes)
     stored["classes"] = list(classes)
-    stored["trainer"] = {k: cfg.trainer.get(k) for k in TRAINED_TRAINER_KEYS}
+    if isinstance(stored.get("trainer"), dict):
+        stored["trainer"]["precision"] = resolve_precision(cfg.trainer, say=False)
+    nodes = {k: stored.get(k) for k in ("model", "data", "optim", "scheduler", "module", "trainer")}
+    nodes.update({f"callbacks.{name}": node for name, node in (stored.get("callbacks") or {}).items()})
+    stored["defaults"] = {key: constructor_defaults(node) for key, node in nodes.items() if isinstance(node, dict)}
     return stored
+
+
+def _resolved(node: Any) -> Any:
+    """A config node as plain containers, resolved where it can be (a run's paths need Hydra's; a benchmark has none)."""
+    if not OmegaConf.is_config(node):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except InterpolationResolutionError:
+        return OmegaConf.to_container(node, resolve=False)
 
 
 def resolve(path: str | Path | None) -> Path:
@@ -109,21 +111,26 @@ def resume_from(cfg: DictConfig, stored: dict, path: str | Path | None = None) -
 
     ``ckpt_path`` is a file, a run dir (where it stopped: ``resume_point``) or ``last`` (the newest earlier run
     under ``paths.log_dir`` trained with these settings, where it stopped). ``stored`` is this run's stored config.
-    Any setting that changes what is trained and differs from the checkpoint's is refused, since it would be
-    half-applied (the restored optimizer keeps its learning rate, a schedule its length) while the run records the
-    new value. Without a schedule ``trainer.max_epochs`` may change (more epochs, or fewer to stop earlier).
+    Each setting that differs from the checkpoint's is refused, allowed with a line in the log, or free, by the
+    rules of ``vit.resume``; the allowed changes are recorded in ``stored["resumed"]`` (every later checkpoint).
     ``path``: a checkpoint chosen already (a sweep's job starting from another, ``vit.sharing``), checked the same way.
     """
     ckpt_path = path or cfg.get("ckpt_path")
     if not ckpt_path:
         return None
     path = latest_resume_point(cfg) if ckpt_path == "last" else resume_point(ckpt_path)
-    differ = settings_that_differ(load(path)["hyper_parameters"]["config"], stored)
-    if differ:
+    checkpoint = load(path)
+    trained = checkpoint["hyper_parameters"]["config"]
+    changes = compare(trained, stored)
+    if changes.refused:
         raise ConfigError(
-            f"ckpt_path={path} was trained with {', '.join(differ)}: resume with the settings it was trained with "
-            "(only trainer.max_epochs may change, and only with scheduler=none), or start a new run"
+            f"ckpt_path={path} was trained with {changes.refusal()}: resume with the settings it was trained with "
+            "(docs/resume-and-errors.md lists what may change), or start a new run"
         )
+    for line in changes.logged:
+        log.info("Resuming with %s", line)
+    # Recorded: every checkpoint from here on (and run.json) says where this run resumed and what changed there.
+    stored["resumed"] = [*trained.get("resumed", []), {"from": str(path), "epoch": checkpoint.get("epoch"), "changed": changes.logged}]
     log.info("Resuming from %s", path)
     return str(path)
 
@@ -179,66 +186,8 @@ def _trained_settings(config: DictConfig) -> dict[str, Any]:
     settings = {
         k: OmegaConf.to_container(config[k], resolve=False) if OmegaConf.is_config(config[k]) else config[k] for k in STORED_KEYS if k in config
     }
-    settings["trainer"] = {k: config.trainer.get(k) for k in TRAINED_TRAINER_KEYS}
+    settings["defaults"] = {}  # none stored: compared key by key, a key one side leaves out at today's default
     return settings
-
-
-def settings_that_differ(trained: dict, now: dict) -> list[str]:
-    """``key=the checkpoint's value`` for each setting of ``now`` that changes what is trained and differs."""
-
-    def flat(config: Any, prefix: str) -> dict[str, Any]:
-        if not isinstance(config, dict):
-            return {prefix: config}
-        return {k: v for name, value in config.items() for k, v in flat(value, f"{prefix}.{name}").items()}
-
-    may_differ = set(MAY_DIFFER_ON_RESUME)
-    if not (now.get("data") or {}).get("val_size") and not (trained.get("data") or {}).get("val_size"):
-        may_differ.update(TEST_VIEWS)
-    if trained.get("scheduler") is None and now.get("scheduler") is None:
-        may_differ.add("trainer.max_epochs")
-    differ = []
-    for section in (*STORED_KEYS, "classes", "trainer"):
-        if section not in trained:  # a checkpoint from before this section was stored
-            continue
-        old, new = trained[section], now.get(section)
-        before, after = (
-            (flat(old, section), flat(new, section)) if isinstance(old, dict) and isinstance(new, dict) else ({section: old}, {section: new})
-        )
-        for key in sorted(set(before) | set(after)):
-            if key in may_differ or before.get(key) == after.get(key):
-                continue
-            if key not in before:  # the checkpoint's run used the constructor's default: was it the same?
-                default = _constructor_default(old if isinstance(old, dict) else None, key.partition(".")[2])
-                if default is _UNKNOWN:
-                    differ.append(f"{key}=<unset>")
-                elif _plain(default) != _plain(after.get(key)):
-                    differ.append(f"{key}={_plain(default)!r} (unset there: its default)")
-                continue
-            differ.append(f"{key}={before.get(key, '<unset>')}")
-    return differ
-
-
-_UNKNOWN = object()
-
-
-def _constructor_default(section: dict | None, name: str) -> Any:
-    """The default of parameter ``name`` of the section's ``_target_``: what a run whose config did not have the key
-    trained with (an option the project added since, or a ``+key`` the user adds). ``_UNKNOWN`` where it can't be told."""
-    target = (section or {}).get("_target_")
-    if not target or not name or "." in name:
-        return _UNKNOWN
-    try:
-        parameter = inspect.signature(get_object(target)).parameters.get(name)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return _UNKNOWN
-    if parameter is None or parameter.default is inspect.Parameter.empty:
-        return _UNKNOWN
-    return parameter.default
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, as a config stores them (``stem_strides=()`` in code, ``[]`` in a config)."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

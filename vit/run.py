@@ -120,6 +120,7 @@ def train(cfg: DictConfig) -> Metrics:
         "epochs": trainer.current_epoch,
     }
     summary = run_summary(trainer, net, best_path, start)  # before testing, which restores the callbacks' state of the best epoch
+    summary.update({"resumed": module.hparams["config"]["resumed"]} if module.hparams["config"].get("resumed") else {})
     if cfg.get("test"):
         tested = "best" if datamodule.has_val and best_path else None
         log.info("Testing %s", best_path if tested else "the final weights")
