@@ -176,3 +176,10 @@ def test_the_readmes_test_command_is_what_ci_runs():
     steps = [step.strip() for step in block.group(1).split("&&")]
     assert [step for step in steps if step not in ci] == []
     assert ci.index(steps[0]) < ci.index(steps[-1])
+
+
+def test_the_layout_page_names_every_module_and_bench_script():
+    listed = {line.split()[0] for line in (ROOT / "docs" / "layout.md").read_text().splitlines() if line.strip()}
+    files = {str(p.relative_to(ROOT)) for folder in ("vit", "bench") for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
+    assert files - listed == set(), "docs/layout.md should say what each of these files does"
+    assert {name for name in listed if name.endswith(".py") and "/" in name} - files == set(), "docs/layout.md names files that are gone"
