@@ -4,9 +4,10 @@ Why: the command every student of the assignment types is ``python train.py -m t
 data.batch_size=32,64 optim.lr=1e-3,1e-4``: 8 jobs of the manual's net and recipe. This script runs that grid, shortened
 to fit a session (``--epochs 1,2 --limit 0.25`` by default), as a user would (one ``python train.py -m`` process: data,
 training, validation, each job's test and the sweep report included, the jobs sharing epochs where they can), and times
-it whole. The manual's loop as printed (``vit.manual``) is timed in the same run at both batch sizes, and the time it
-would take to train every job's images (the same number of images at the same batch size, job by job, with no
-validation, test or report) is the reference. Figures are printed, never asserted.
+it whole. The manual's loop as printed (``vit.manual``) is timed in the same run at both batch sizes, before the sweep and
+again after it, and the time it would take at the mean of the two speeds to train every job's images (the same number of
+images at the same batch size, job by job, with no validation, test or report) is the reference. Figures are printed,
+never asserted.
 
     python bench/sweep.py --root ../shared/data/cifar10-jpeg
     python bench/sweep.py --root ../shared/data/cifar10-jpeg --epochs 10,20 --limit 1.0    # the full grid
