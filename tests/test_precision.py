@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY
 from vit import builders, precision, registry, reproduce, run, verdicts
 from vit.errors import ConfigError
 from vit.model import MultiHeadAttention, ViT, sdpa_is_faster
@@ -92,6 +93,38 @@ def test_a_run_records_the_precision_it_trained_in(make_cfg):
     cfg = make_cfg(["trainer.max_epochs=1", "trainer.precision=bf16-mixed", "test=false"])
     run.train(cfg)
     assert json.loads((Path(cfg.paths.output_dir) / "run.json").read_text())["precision"] == "bf16-mixed"
+
+
+def test_a_convolution_whose_stride_passes_its_input_is_found():
+    """torch's CPU bf16 convolution computes wrong weight gradients there (vit.precision.stride_past_input)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2, 1)).train()
+    assert precision.stride_past_input(net, [(3, 4, 4)]) is None  # 4x4 -> 2x2: each stride at most its input
+    assert precision.stride_past_input(net, [(3, 4, 4), (3, 2, 2)]) == "2 (stride 2x2 on a 1x1 input at side 2)"
+    assert net.training and all(p.grad is None for p in net.parameters())
+    assert precision.stride_past_input(ViT(**SMALL), [(3, 32, 32)]) is None  # the patches: stride 8 on 32x32
+    assert precision.stride_past_input(torch.nn.Conv2d(3, 8, 1, 2), [(3, 1, 1)]) is None  # a 1x1 kernel computes right
+
+
+CNN_AT_16 = ["model=timm", "model.name=resnet10t", "data.train_sizes=[16,32]", "model.compile=false"]
+
+
+def test_a_cnn_whose_stride_passes_its_input_trains_in_fp32_where_bf16_was_chosen(make_cfg, monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_default", lambda flags=None: ("bf16-mixed", "this CPU has avx512_bf16"))
+    not_the_vit = [o for o in TINY if not o.startswith("model.")]
+    with caplog.at_level("INFO", logger="vit.run"):
+        _, _, module = run.build_for_fit(make_cfg([*not_the_vit, *CNN_AT_16], tiny=False))
+    assert module.hparams["config"]["trainer"]["precision"] == "32-true"
+    assert "Training in 32-true precision" in caplog.text and "layer4.0.conv1 (stride 2x2 on a 1x1 input at side 16)" in caplog.text
+    assert (
+        run.build_for_fit(make_cfg([*not_the_vit, "model=timm", "model.name=resnet10t"], tiny=False))[2].hparams["config"]["trainer"]["precision"]
+        == "bf16-mixed"
+    )
+
+
+def test_bf16_asked_for_by_name_on_such_a_cnn_is_refused_in_one_line(make_cfg):
+    not_the_vit = [o for o in TINY if not o.startswith("model.")]
+    with pytest.raises(ConfigError, match=r"trainer.precision=bf16-mixed: .*layer4.0.conv1.*; set trainer.precision=32-true"):
+        run.build_for_fit(make_cfg([*not_the_vit, *CNN_AT_16, "trainer.precision=bf16-mixed"], tiny=False))
 
 
 def test_compile_auto_compiles_only_where_it_pays(monkeypatch):

@@ -128,9 +128,10 @@ class StopOnNonFiniteLoss(Callback):
 
     def _stop(self, trainer: L.Trainer, loss: float, step: int) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"]
+        fp32 = ", or train in fp32 (trainer.precision=32-true)" if "bf16" in str(trainer.precision) else ""
         raise TrainingDiverged(
             f"the training loss became {loss} at step {step} (epoch {trainer.current_epoch}): "
-            f"lower optim.lr (now {lr:g}) or set trainer.gradient_clip_val=1.0; the checkpoints saved before it are kept"
+            f"lower optim.lr (now {lr:g}) or set trainer.gradient_clip_val=1.0{fp32}; the checkpoints saved before it are kept"
         )
 
 

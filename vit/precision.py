@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from vit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +81,59 @@ def resolve_precision(trainer_cfg: Any, say: bool = True) -> str | int:
     if say:
         log.info("No CUDA GPU: training in %s precision (%s; set trainer.precision=32-true or bf16-mixed to choose)", precision, why)
     return precision
+
+
+def stride_past_input(net: nn.Module, shapes: Sequence[Sequence[int]]) -> str | None:
+    """The first convolution of ``net`` wider than 1 whose stride exceeds its input's extent along an axis, for an input
+    of one of ``shapes`` (c, h, w), as "NAME (stride S on a HxW input at side N)"; None if none does.
+
+    There torch's CPU bf16 convolution computes wrong weight gradients: a 3x3 stride-2 convolution on a 1x1 input gave
+    non-finite or wrong ones in 20 of 20 calls on a 2-core AMD EPYC (avx512_bf16, torch 2.14.1), and a timm ResNet at
+    16 px diverged at its second step; 1x1 kernels and every stride within its input agreed with fp32
+    (``python bench/bf16_convs.py``, docs/measurements.md). One forward pass per shape, batch of 1, in eval mode, no grad.
+    """
+    convs = {module: name for name, module in net.named_modules() if isinstance(module, nn.modules.conv._ConvNd)}
+    found: list[str] = []
+
+    def look(side: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            extent = args[0].shape[2:]
+            if not found and any(k > 1 and stride > size for k, stride, size in zip(module.kernel_size, module.stride, extent)):
+                found.append(
+                    f"{convs[module] or 'the net'} (stride {'x'.join(map(str, module.stride))} on a {'x'.join(map(str, extent))} input at side {side})"
+                )
+
+        return hook
+
+    was_training = net.training
+    net.eval()
+    try:
+        for shape in shapes:
+            handles = [conv.register_forward_pre_hook(look(shape[-1])) for conv in convs]
+            try:
+                with torch.no_grad():
+                    net(torch.zeros(1, *shape, device=next(net.parameters()).device))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if found:
+                return found[0]
+    finally:
+        net.train(was_training)
+    return None
+
+
+def settle_for_net(trainer_cfg: Any, net: nn.Module, shapes: Sequence[Sequence[int]]) -> str | None:
+    """Why this run must train in fp32 rather than the bf16 chosen for this CPU (``stride_past_input``), or None.
+    Asked for by name (``trainer.precision=bf16-mixed``), the run is refused in one line instead."""
+    if on_cuda(trainer_cfg) or "bf16" not in str(resolve_precision(trainer_cfg, say=False)):
+        return None
+    where = stride_past_input(net, shapes)
+    if where is None:
+        return None
+    why = f"torch's CPU bf16 convolution computes wrong weight gradients where a stride exceeds its input: {where}"
+    if trainer_cfg.get("precision") is not None:
+        raise ConfigError(
+            f"trainer.precision={trainer_cfg.get('precision')}: {why}; set trainer.precision=32-true, or train at larger sides (data.train_sizes)"
+        )
+    return why

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vit import checkpoints, report, sharing, trackers
 from vit.builders import (
@@ -33,7 +33,7 @@ from vit.callbacks import RunStats
 from vit.data import ImageDataModule
 from vit.errors import ConfigError
 from vit.module import ClassifierModule
-from vit.precision import on_cuda
+from vit.precision import on_cuda, settle_for_net
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,22 @@ def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, Cl
     """
     datamodule: ImageDataModule = instantiate(cfg.data, "data")
     net = build_net(cfg.model, datamodule.num_classes)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    check_input_shape(datamodule, net)
+    check_train_sizes(datamodule, net, cfg.model)
+    channels, *side = datamodule.image_shape()
+    why_fp32 = settle_for_net(cfg.trainer, net, [(channels, s, s) for s in datamodule.train_sizes or []] or [(channels, *side)])
+    if why_fp32:
+        log.info("Training in 32-true precision, not this CPU's bf16 (%s; set trainer.precision=32-true to say so)", why_fp32)
+        with open_dict(cfg):
+            cfg.trainer.precision = "32-true"
     module = module_factory(cfg.get("module"))(
         net=net,
         optimizer=instantiate(cfg.optim, "optim"),
         scheduler=instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
         config=checkpoints.stored_config(cfg, datamodule.classes),
     )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    check_input_shape(datamodule, net)
-    check_train_sizes(datamodule, net, cfg.model)
     if cfg.model.get("compile") == "auto":
         compile_if_it_pays(net, cfg.trainer, training_steps(cfg, datamodule))
     return datamodule, net, module
