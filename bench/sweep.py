@@ -2,9 +2,9 @@
 
 Why: the command every student of the assignment types is ``python train.py -m trainer.max_epochs=10,20
 data.batch_size=32,64 optim.lr=1e-3,1e-4``: 8 jobs of the manual's net and recipe. This script runs that grid, shortened
-to fit a session (``--epochs 1,2 --limit 0.25`` by default), as a user would (one ``python train.py -m`` process: data,
-training, validation, each job's test and the sweep report included, the jobs sharing epochs where they can), and times
-it whole. The manual's loop as printed (``vit.manual``) is timed in the same run at both batch sizes, before the sweep and
+to fit a session (``--epochs 1,2 --limit 0.25`` by default), as a user would (one ``python train.py -m``: data,
+training, validation, each job's test and the sweep report included, the jobs sharing epochs where they can and, on a
+CPU, running side by side as the default launcher runs them, ``vit/launcher.py``), and times it whole. The manual's loop as printed (``vit.manual``) is timed in the same run at both batch sizes, before the sweep and
 again after it, and the time it would take at the mean of the two speeds to train every job's images (the same number of
 images at the same batch size, job by job, with no validation, test or report) is the reference. Figures are printed,
 never asserted.

@@ -169,14 +169,16 @@ def markdown(rows: list[dict[str, Any]], extra: list[str], title: str) -> str:
 def write(rows: list[dict[str, Any]], extra: list[str], out_dir: Path, title: str) -> str:
     """summary.csv, summary.md and summary.png in ``out_dir``; returns the Markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "summary.csv.tmp", "w", newline="") as f:
+    # one temporary file per process: a sweep's side-by-side jobs (vit.launcher) may write the report at once
+    temporary = {name: out_dir / f"{name}.{os.getpid()}.tmp" for name in ("summary.csv", "summary.md")}
+    with open(temporary["summary.csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(out_dir / "summary.csv.tmp", out_dir / "summary.csv")
     table = markdown(rows, extra, title)
-    (out_dir / "summary.md.tmp").write_text(table)
-    os.replace(out_dir / "summary.md.tmp", out_dir / "summary.md")  # a kill mid-write leaves the previous report whole
+    temporary["summary.md"].write_text(table)
+    for name, path in temporary.items():
+        os.replace(path, out_dir / name)  # a kill mid-write leaves the previous report whole
     plot(rows, extra, out_dir / "summary.png", title)
     return table
 

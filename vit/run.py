@@ -46,6 +46,9 @@ def check_run_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1 (or -1 for no limit), got {max_epochs!r}")
     if cfg.get("seed") is not None and not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer or null, got {cfg.seed!r}")
+    threads = cfg.get("torch_threads")
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise ConfigError(f"torch_threads must be null (torch's default) or an integer >= 1, got {threads!r}")
 
 
 def build_for_fit(cfg: DictConfig) -> tuple[ImageDataModule, torch.nn.Module, ClassifierModule]:
@@ -88,6 +91,8 @@ def training_steps(cfg: DictConfig, datamodule: ImageDataModule) -> int:
 def train(cfg: DictConfig) -> Metrics:
     """Fits the model, tests the best checkpoint (``test: true``) and returns the metrics also written to metrics.json."""
     check_run_settings(cfg)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg.torch_threads)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         log.info("Seed: %d", cfg.seed)
@@ -144,6 +149,7 @@ def run_summary(trainer: L.Trainer, net: torch.nn.Module, best_path: str | None,
     return {
         "params": sum(p.numel() for p in net.parameters()),
         "precision": str(trainer.precision),  # what it trained in (trainer.precision=null: chosen for the device, vit.precision)
+        "torch_threads": torch.get_num_threads(),  # the rounding of a CPU run depends on it (torch_threads)
         "compiled": sharing.is_compiled(net),  # model.compile=auto: whether it paid here (vit.builders.compile_pays)
         "ckpt": best_path or None,
         "train_time_s": round(stats.train_time_s, 3) if stats else None,

@@ -224,7 +224,7 @@ def sharing_lines(task_overrides: list[str], cfg: DictConfig, launcher: str) -> 
     reasons = blockers(cfg)
     if reasons:
         return [f"Sharing epochs: none; a job is no prefix of a longer one with {' and '.join(reasons)}: every job trains on its own."]
-    if not launcher.endswith("BasicLauncher"):
+    if not launcher.endswith(("BasicLauncher", "ChainLauncher")):
         return [
             f"Sharing epochs: the jobs run side by side ({launcher.rsplit('.', 1)[-1]}): a job starts from a shorter one only if that "
             "one finished before it started; the others train on their own."

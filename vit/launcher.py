@@ -1,0 +1,194 @@
+"""The default sweep launcher: on a CPU, the sweep's chains of jobs side by side, each chain in its own process.
+
+Why: a small net's step does not keep two CPU cores busy. The manual's net trains 1.56x as many images a second at batch
+32 (1.16x at batch 64), and evaluates 1.8x as many, as two one-thread processes side by side than as one two-thread
+process (2-core AMD EPYC, docs/measurements.md). A chain is the jobs of a sweep that differ only in
+``trainer.max_epochs``: in one process, one after another by epoch count, the longer job starts where the shorter
+ended (``vit.sharing``), so a chain trains no epoch twice. Chains go to ``n_jobs`` worker processes (forked), each with
+its share of the torch threads, set in each job as ``torch_threads=N`` so that a job's dir and its command say how it
+ran (the thread count changes the rounding).
+
+With one worker (a CUDA GPU, one chain, one thread, ``n_jobs=1``, or no ``fork`` here) the jobs run one after another in
+this process, exactly as Hydra's basic launcher runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EPOCHS = "trainer.max_epochs="
+
+
+def chains(job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
+    """The jobs (their positions) grouped into chains: jobs whose overrides differ only in ``trainer.max_epochs``, each
+    chain in increasing epoch count, the chains in the order of their first job."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for number, job in enumerate(job_overrides):
+        groups.setdefault(tuple(o for o in job if not o.startswith(EPOCHS)), []).append(number)
+
+    def epochs(number: int) -> int:
+        value = next((o[len(EPOCHS) :] for o in reversed(job_overrides[number]) if o.startswith(EPOCHS)), "")
+        return int(value) if value.isdigit() else 0
+
+    return [sorted(members, key=lambda n: (epochs(n), n)) for members in groups.values()]
+
+
+def workers_for(n_chains: int, n_jobs: int | None) -> int:
+    """How many processes run the chains: ``n_jobs`` if set, else one per torch thread (no more than the chains); 1 on a
+    CUDA machine (its GPU is one) and where processes cannot be forked."""
+    if n_jobs is not None:
+        if not isinstance(n_jobs, int) or n_jobs < 1:
+            raise ConfigError(f"hydra.launcher.n_jobs must be null (one per torch thread on a CPU) or an integer >= 1, got {n_jobs!r}")
+        wanted = n_jobs
+    elif torch.cuda.is_available():
+        wanted = 1
+    else:
+        wanted = torch.get_num_threads()
+    if "fork" not in multiprocessing.get_all_start_methods():
+        wanted = 1
+    return max(1, min(wanted, n_chains))
+
+
+class ChainLauncher(Launcher):
+    """Hydra launcher (``hydra/launcher=chains``, the default): see the module's docstring."""
+
+    def __init__(self, n_jobs: int | None = None) -> None:
+        self.n_jobs = n_jobs
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        groups = chains(job_overrides)
+        workers = workers_for(len(groups), self.n_jobs)
+        if workers == 1:
+            basic = BasicLauncher()
+            basic.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+            return basic.launch(job_overrides, initial_job_idx)
+        threads = max(1, torch.get_num_threads() // workers)
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info(
+            "Launching %d jobs in %d chains, %d at a time, %d torch thread%s each (hydra.launcher.n_jobs=1: one after another)",
+            len(job_overrides),
+            len(groups),
+            workers,
+            threads,
+            "s" if threads != 1 else "",
+        )
+        for chain in groups:
+            log.info("\tchain: %s", "; ".join(f"#{initial_job_idx + n} {' '.join(filter_overrides(job_overrides[n]))}" for n in chain))
+        jobs = [[(initial_job_idx + n, [*job_overrides[n], f"torch_threads={threads}"]) for n in chain] for chain in groups]
+        return self._run_side_by_side(jobs, workers, threads)
+
+    def _run_side_by_side(self, jobs: list[list[tuple[int, list[str]]]], workers: int, threads: int) -> list[JobReturn]:
+        """Forked workers take chains from a queue and send back each job's ``JobReturn``; in the order of the jobs."""
+        context = multiprocessing.get_context("fork")
+        queue = context.SimpleQueue()
+        for chain in jobs:
+            queue.put(chain)
+        for _ in range(workers):
+            queue.put(None)
+        results = context.SimpleQueue()
+        processes = [context.Process(target=self._work, args=(queue, results, threads), daemon=False) for _ in range(workers)]
+        for process in processes:
+            process.start()
+        returns: dict[int, JobReturn] = {}
+        expected = sum(len(chain) for chain in jobs)
+        try:
+            while len(returns) < expected:
+                if not results.empty():
+                    number, ret = results.get()
+                    returns[number] = ret
+                elif any(process.is_alive() for process in processes):
+                    time.sleep(0.1)
+                elif results.empty():
+                    break
+        except KeyboardInterrupt:
+            for process in processes:  # each worker saw the Ctrl-C too: it saves its job's interrupted.ckpt and stops
+                process.join()
+            raise
+        for process in processes:
+            process.join()
+        for chain in jobs:
+            for number, overrides in chain:
+                if number not in returns:
+                    returns[number] = failed(overrides, f"job {number}'s worker process ended without a result (exit code {exit_codes(processes)})")
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return [returns[number] for number in sorted(returns)]
+
+    def _work(self, queue: Any, results: Any, threads: int) -> None:
+        """A worker: one chain after another from ``queue``, each job as the basic launcher runs it."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for any process a job starts
+        state = Singleton.get_state()
+        while (chain := queue.get()) is not None:
+            for number, overrides in chain:
+                setup_globals()
+                Singleton.set_state(state)
+                try:
+                    sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                    with open_dict(sweep_config):
+                        sweep_config.hydra.job.id = number
+                        sweep_config.hydra.job.num = number
+                    ret = run_job(
+                        hydra_context=self.hydra_context,
+                        task_function=self.task_function,
+                        config=sweep_config,
+                        job_dir_key="hydra.sweep.dir",
+                        job_subdir_key="hydra.sweep.subdir",
+                    )
+                except Exception as e:  # noqa: BLE001 - Hydra's own steps failed: this job fails, the worker goes on
+                    ret = failed(overrides, f"job {number}: {e}")
+                results.put((number, portable(ret)))
+
+
+def portable(ret: JobReturn) -> JobReturn:
+    """``ret`` as it can cross to the launching process: its configs as plain ones (Hydra's hold classes that do not
+    pickle), a return value that does not pickle as its text."""
+    slim = JobReturn(overrides=ret.overrides, working_dir=ret.working_dir, task_name=ret.task_name, status=ret.status)
+    slim.cfg, slim.hydra_cfg = (
+        OmegaConf.create(OmegaConf.to_container(c, resolve=False)) if c is not None else None for c in (ret.cfg, ret.hydra_cfg)
+    )
+    value = ret._return_value
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - whatever it holds, the sweep gets its text
+        value = RuntimeError(repr(value)) if ret.status == JobStatus.FAILED else repr(value)
+    slim.return_value = value
+    return slim
+
+
+def failed(overrides: list[str], why: str) -> JobReturn:
+    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    ret.return_value = RuntimeError(why)
+    return ret
+
+
+def exit_codes(processes: list) -> str:
+    return ", ".join(str(p.exitcode) for p in processes)
