@@ -24,17 +24,18 @@ from vit import checkpoints
 from vit.builders import build_net, instantiate, module_factory
 from vit.errors import ConfigError
 from vit.flops import count_step_flops
+from vit.precision import resolve_precision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # --flops: the nets timed and counted, by the overrides that make them (the manual's recipe is the config's default).
 FLOP_NETS = {"manual": [], "fast": ["experiment=fast"], "budget": ["experiment=budget"]}
 
 
-def matmul_rates(device: torch.device, n: int = 2048, repeats: int = 5) -> tuple[float, float]:
-    """This machine's fp32 matmul rate at the current torch thread count: ``2 n^3`` over the best time of a ``torch.mm`` of
-    two n x n fp32 matrices, after one untimed product; in FLOP/s of wall time, and in FLOP per CPU-second of this process
-    (``time.process_time``, all its threads: on a CPU shared with other work, the rate while it ran)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_rates(device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """This machine's matmul rate in ``dtype`` at the current torch thread count: ``2 n^3`` over the best time of a
+    ``torch.mm`` of two n x n matrices, after one untimed product; in FLOP/s of wall time, and in FLOP per CPU-second of
+    this process (``time.process_time``, all its threads: on a CPU shared with other work, the rate while it ran)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     out = torch.mm(a, b)
     best = best_cpu = math.inf
     for _ in range(repeats):
@@ -47,6 +48,15 @@ def matmul_rates(device: torch.device, n: int = 2048, repeats: int = 5) -> tuple
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """This machine's fp32 matmul peak in FLOP/s (``matmul_rates``' wall-clock figure)."""
     return matmul_rates(device, n, repeats)[0]
+
+
+# A step's dtype: the matmuls' (bf16 under bf16-mixed autocast, fp16 under 16-mixed), whose peak it is measured against.
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+STEP_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def step_dtype(precision: str) -> torch.dtype:
+    return STEP_DTYPES.get(str(precision), torch.float32)
 
 
 def compose_net(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -84,6 +94,7 @@ class FlopRow:
     optimizer: str
     size: int
     batch: int
+    dtype: torch.dtype  # the matmuls' (``step_dtype`` of the precision the net trains in)
     flops_per_image: float  # forward + backward
     optimizer_flops_per_image: float  # the optimizer step's counted FLOPs over the batch (Muon's Newton-Schulz matmuls)
     images_per_s: float
@@ -91,8 +102,12 @@ class FlopRow:
 
 
 def time_flop_row(args: argparse.Namespace, name: str, cfg: DictConfig, size: int) -> FlopRow:
-    """One net at one training side: its FLOPs counted on one step, then ``args.steps`` bare steps timed after ``args.warmup``."""
+    """One net at one training side: its FLOPs counted on one step, then ``args.steps`` bare steps timed after
+    ``args.warmup``, under autocast where the net trains in a mixed precision (``args.precision`` or its config's, as
+    resolved for this device)."""
     device, batch = args.device, cfg.data.batch_size
+    dtype = step_dtype(args.precision or resolve_precision(cfg.trainer, say=False))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     L.seed_everything(args.seed, verbose=False)
     net, optimizer = build_step(cfg, device)
     smoothing = (cfg.get("module") or {}).get("label_smoothing", 0.0)
@@ -104,28 +119,43 @@ def time_flop_row(args: argparse.Namespace, name: str, cfg: DictConfig, size: in
         if i == args.warmup:
             start, start_cpu = now(device), time.process_time()
         optimizer.zero_grad()
-        F.cross_entropy(net(x), y, label_smoothing=smoothing).backward()
+        with autocast:
+            loss = F.cross_entropy(net(x), y, label_smoothing=smoothing)
+        loss.backward()
         optimizer.step()
     rate = batch * args.steps / (now(device) - start)
     cpu_rate = batch * args.steps / max(time.process_time() - start_cpu, 1e-9)
-    return FlopRow(name, type(optimizer).__name__, size, batch, flops / batch, optimizer_flops / batch, rate, cpu_rate)
+    return FlopRow(name, type(optimizer).__name__, size, batch, dtype, flops / batch, optimizer_flops / batch, rate, cpu_rate)
 
 
-def print_flop_table(rows: list[FlopRow], peak: float, cpu_peak: float | None) -> None:
-    """``cpu_peak``: the peak in FLOP per CPU-second, for the last column (None: no such column, on a GPU)."""
-    header = ("net", "optimizer", "size", "batch", "MFLOP/image", "opt. MFLOP/image", "images/s", "GFLOP/s", "share of peak", "share, CPU time")
+def print_flop_table(rows: list[FlopRow], peaks: dict[torch.dtype, tuple[float, float | None]]) -> None:
+    """Each row against the peak of its own dtype: ``peaks[dtype]`` = (FLOP/s, FLOP per CPU-second or None on a GPU)."""
+    header = (
+        "net",
+        "optimizer",
+        "size",
+        "batch",
+        "dtype",
+        "MFLOP/image",
+        "opt. MFLOP/image",
+        "images/s",
+        "GFLOP/s",
+        "share of peak",
+        "share, CPU time",
+    )
     lines = [
         (
             r.net,
             r.optimizer,
             f"{r.size} px",
             str(r.batch),
+            DTYPE_NAMES[r.dtype],
             f"{r.flops_per_image / 1e6:,.1f}",
             f"{r.optimizer_flops_per_image / 1e6:,.2f}",
             f"{r.images_per_s:,.0f}",
             f"{r.flops_per_image * r.images_per_s / 1e9:,.1f}",
-            f"{100 * r.flops_per_image * r.images_per_s / peak:.1f}%",
-            f"{100 * r.flops_per_image * r.cpu_images_per_s / cpu_peak:.1f}%" if cpu_peak else "-",
+            f"{100 * r.flops_per_image * r.images_per_s / peaks[r.dtype][0]:.1f}%",
+            f"{100 * r.flops_per_image * r.cpu_images_per_s / peaks[r.dtype][1]:.1f}%" if peaks[r.dtype][1] else "-",
         )
         for r in rows
     ]

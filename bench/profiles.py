@@ -9,7 +9,9 @@ import argparse
 import lightning as L
 import torch
 import torch.nn.functional as F
-from flop_limit import FLOP_NETS, build_step, compose_net, num_classes_of, train_sides
+from flop_limit import DTYPE_NAMES, FLOP_NETS, build_step, compose_net, num_classes_of, step_dtype, train_sides
+
+from vit.precision import resolve_precision
 
 
 class OpsProfile:
@@ -51,11 +53,13 @@ def profile_step(args: argparse.Namespace, name: str, steps: int = 3, top: int =
     smoothing = (cfg.get("module") or {}).get("label_smoothing", 0.0)
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, num_classes_of(cfg), (batch,), device=device)
+    dtype = step_dtype(args.precision or resolve_precision(cfg.trainer, say=False))  # as the --flops rows: the net's own precision
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
         with record_function("phase:optimizer"):
             optimizer.zero_grad()
-        with record_function("phase:forward"):
+        with record_function("phase:forward"), autocast:
             loss = F.cross_entropy(net(x), y, label_smoothing=smoothing)
         with record_function("phase:backward"):
             loss.backward()
@@ -81,7 +85,9 @@ def profile_step(args: argparse.Namespace, name: str, steps: int = 3, top: int =
         else:
             ops[(phase, event.name)] = ops.get((phase, event.name), 0.0) + event.self_cpu_time_total
     total = sum(phases.values())
-    print(f"\nprofile: {name} ({type(optimizer).__name__}), {side} px, batch {batch}, {steps} steps: {total / steps / 1e3:.0f} ms per step")
+    print(
+        f"\nprofile: {name} ({type(optimizer).__name__}), {side} px, batch {batch}, {DTYPE_NAMES[dtype]}, {steps} steps: {total / steps / 1e3:.0f} ms per step"
+    )
     print("  " + ", ".join(f"{phase} {100 * t / total:.0f}%" for phase, t in sorted(phases.items(), key=lambda kv: -kv[1])))
     print(f"  top {top} ops by self CPU time (ms per step, share of the step):")
     for (phase, op), t in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:

@@ -59,7 +59,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from clock import device_name
-from flop_limit import FLOP_NETS, compose_net, matmul_rates, print_flop_table, run_share, time_flop_row, train_sides
+from flop_limit import DTYPE_NAMES, FLOP_NETS, compose_net, matmul_rates, print_flop_table, run_share, time_flop_row, train_sides
 from profiles import profile_step
 from variants import VARIANTS, Row, median_rows, print_table, run_bare, run_ours, run_reference, timed_steps
 
@@ -69,9 +69,7 @@ from vit.precision import resolve_precision
 def run_flops(args: argparse.Namespace) -> None:
     """--flops, --run-dir, --profile: the peak, the table of nets and sizes, the runs' shares, the profile."""
     began = time.perf_counter()
-    print(f"device: {device_name(args.device)}; fp32; torch {torch.__version__}", flush=True)
-    peaks = [matmul_rates(args.device)]
-    print(f"peak: fp32 torch.mm 2048x2048, best of 5: {peaks[0][0] / 1e9:,.1f} GFLOP/s ({torch.get_num_threads()} torch threads)", flush=True)
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vit-flops-") as tmp:
         args.tmp = Path(tmp)
         rows = []
@@ -82,17 +80,24 @@ def run_flops(args: argparse.Namespace) -> None:
                 for side in train_sides(cfg):
                     rows.append(time_flop_row(args, name, cfg, side))
                     r = rows[-1]
-                    print(f"  done: {name}, {side} px: {r.flops_per_image / 1e6:,.1f} MFLOP/image at {r.images_per_s:,.0f} images/s", flush=True)
-            peaks.append(matmul_rates(args.device))
-        peak, cpu_peak = max(p for p, _ in peaks), max(c for _, c in peaks) if args.device.type == "cpu" else None
+                    print(
+                        f"  done: {name}, {side} px, {DTYPE_NAMES[r.dtype]}: {r.flops_per_image / 1e6:,.1f} MFLOP/image at {r.images_per_s:,.0f} images/s",
+                        flush=True,
+                    )
+        # each dtype's peak, measured after the steps and again (best of the two), so that a drifting CPU is caught near its best
+        peaks = {}
+        for dtype in sorted({torch.float32, torch.bfloat16, *(r.dtype for r in rows)}, key=str):
+            rates = [matmul_rates(args.device, dtype=dtype) for _ in range(2)]
+            peaks[dtype] = (max(p for p, _ in rates), max(c for _, c in rates) if args.device.type == "cpu" else None)
+            print(
+                f"peak: {DTYPE_NAMES[dtype]} torch.mm 2048x2048, best of 5, twice: {' and '.join(f'{p / 1e9:,.1f}' for p, _ in rates)} GFLOP/s "
+                f"({torch.get_num_threads()} torch threads)",
+                flush=True,
+            )
+        peak = peaks[torch.float32][0]
         if rows:
             print()
-            print_flop_table(rows, peak, cpu_peak)
-            print(
-                f"peak: {peak / 1e9:,.1f} GFLOP/s, fp32 torch.mm 2048x2048, best of 5 ({' and '.join(f'{p / 1e9:,.1f}' for p, _ in peaks)} before and "
-                f"after the table), {device_name(args.device)}"
-                + (f"; {cpu_peak / 1e9:,.1f} GFLOP per CPU-second of this process" if cpu_peak else "")
-            )
+            print_flop_table(rows, peaks)
             print(
                 "MFLOP/image: forward + backward of one training step over its batch, by FlopCounterMode (matmuls, convolutions, attention); "
                 "GFLOP/s and the shares use it alone. opt. MFLOP/image: the optimizer step's counted FLOPs over the batch (Muon's "
@@ -139,7 +144,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         default=None,
-        help="trainer.precision of ours and the bare step (default: the config's null, chosen for the device: vit/precision.py)",
+        help="trainer.precision of ours, the bare step and the --flops rows (default: each config's, as resolved for the device: vit/precision.py)",
     )
     parser.add_argument(
         "--threads",

@@ -254,3 +254,22 @@ def test_time_to_accuracy_names_its_experiment_once():
         [sys.executable, "bench/time_to_accuracy.py", "--experiment", "budget", "--ours", "experiment=fast"], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 2 and "--experiment budget and --ours experiment=fast: name the experiment once" in done.stderr
+
+
+def test_a_flops_row_runs_in_its_precision_and_is_judged_against_the_peak_of_its_dtype(capsys, tmp_path):
+    """--flops times each net's step in the precision it trains in and gives its share of that dtype's peak, not fp32's."""
+    import argparse
+
+    import torch
+
+    flop_limit = load_bench("clock", "flop_limit")
+    cfg = flop_limit.compose_net(["model.emb_size=16", "model.depth=1", "model.num_heads=2", "model.patch_size=8"], tmp_path)
+    args = argparse.Namespace(device=torch.device("cpu"), seed=0, warmup=1, steps=2, precision="bf16-mixed")
+    row = flop_limit.time_flop_row(args, "tiny", cfg, 32)
+    assert row.dtype == torch.bfloat16 and row.images_per_s > 0
+    args.precision = "32-true"
+    assert flop_limit.time_flop_row(args, "tiny", cfg, 32).dtype == torch.float32
+    row.images_per_s, row.cpu_images_per_s = 1e9 / row.flops_per_image, 1e9 / row.flops_per_image  # 1 GFLOP/s exactly
+    flop_limit.print_flop_table([row], {torch.bfloat16: (4e9, 2e9), torch.float32: (1e9, 1e9)})
+    cells = [cell.strip() for cell in capsys.readouterr().out.splitlines()[-1].split("|")]
+    assert cells[4] == "bf16" and cells[-2:] == ["25.0%", "50.0%"]

@@ -3,6 +3,8 @@ it (in the preset or in the optimizer config it names) has to change this table 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -34,3 +36,12 @@ def test_each_presets_optimizer_is_the_pinned_one(make_cfg, experiment):
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     assert optim.pop("_partial_") is True
     assert optim == PINNED[experiment]
+
+
+def test_each_final_preset_trains_in_the_precision_its_figures_were_measured_in(make_cfg):
+    """fast's figures are bf16 (the CPU's default, null); budget's and budget_max's fp32, pinned until bf16 is measured for
+    them (budget inherits fast's config, so a change to fast would otherwise reach them unmeasured)."""
+    rows = {row["name"]: row.get("precision") for row in json.loads((CONF.parent / "docs" / "frontier.json").read_text())["rows"]}
+    for name, pinned in (("fast", None), ("budget", "32-true"), ("budget_max", "32-true")):
+        assert make_cfg([f"experiment={name}"], tiny=False).trainer.precision == pinned, name
+        assert rows[name] == (pinned or "bf16-mixed"), name

@@ -179,22 +179,15 @@ def test_ddp_preset_and_the_trainer_defaults(make_cfg):
 
 
 @pytest.mark.slow
-def test_joblib_runs_four_jobs_on_two_workers_and_the_report_has_them_all(tmp_path):
+def test_joblib_runs_jobs_on_two_workers_and_the_report_has_them_all(tmp_path):
     result = run_script(
-        "train.py",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "optim.lr=1e-3,2e-3",
-        "data.batch_size=32,64",
-        *SMALL,
-        f"hydra.sweep.dir={tmp_path}",
+        "train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,2e-3", *SMALL, f"hydra.sweep.dir={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     rows = read_csv(tmp_path / "summary.csv")
-    assert sorted(r["job"] for r in rows) == ["0", "1", "2", "3"] and all(r["status"] == "ok" for r in rows)
-    assert {(r["lr"], r["batch_size"]) for r in rows} == {(lr, bs) for lr in ("0.001", "0.002") for bs in ("32", "64")}
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and all(r["status"] == "ok" for r in rows)
+    assert {r["lr"] for r in rows} == {"0.001", "0.002"}
     assert len(set().union(*(writer_pids(tmp_path / r["job"] / "tensorboard") for r in rows))) == 2  # two worker processes
 
 
@@ -257,16 +250,16 @@ def test_optuna_preset_searches_lr_batch_size_weight_decay_and_epochs():
 @pytest.mark.slow
 def test_optuna_search_with_sqlite_storage_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", *SMALL]
+    command = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}", *SMALL]
     for sweep in ("first", "second"):
         result = run_script("train.py", *command, f"hydra.sweep.dir={tmp_path / sweep}")
         assert result.returncode == 0, result.stderr[-3000:]
         values = [
             json.loads((tmp_path / sweep / r["job"] / "metrics.json").read_text())["val/acc"] for r in read_csv(tmp_path / sweep / "summary.csv")
         ]
-        assert len(values) == 2
+        assert len(values) == 1
     study = optuna.load_study(study_name="vit", storage=storage)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4  # the second run added 2 trials to the first 2
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2  # the second run added its trial to the first
     best = OmegaConf.load(tmp_path / "second" / "optimization_results.yaml")
     assert best.best_value == pytest.approx(max(t.value for t in study.trials))
     assert set(best.best_params) == {"optim.lr", "data.batch_size", "optim.weight_decay"}  # max_epochs fixed by SMALL
