@@ -22,6 +22,11 @@ def test_a_sweep_falls_into_chains_of_jobs_that_differ_only_in_their_epoch_count
     assert launcher.chains([["optim.lr=1"], ["optim.lr=2"], ["optim.lr=1", "trainer.max_epochs=3"]]) == [[0, 2], [1]]
 
 
+def test_each_job_gets_its_share_of_the_threads_unless_the_sweep_sets_them():
+    assert launcher.with_threads(["optim.lr=1"], 2) == ["optim.lr=1", "torch_threads=2"]
+    assert launcher.with_threads(["torch_threads=1", "optim.lr=1"], 2) == ["torch_threads=1", "optim.lr=1"]
+
+
 def test_one_worker_per_torch_thread_on_a_cpu_and_one_with_a_gpu(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -102,7 +102,7 @@ class ChainLauncher(Launcher):
         )
         for chain in groups:
             log.info("\tchain: %s", "; ".join(f"#{initial_job_idx + n} {' '.join(filter_overrides(job_overrides[n]))}" for n in chain))
-        jobs = [[(initial_job_idx + n, [*job_overrides[n], f"torch_threads={threads}"]) for n in chain] for chain in groups]
+        jobs = [[(initial_job_idx + n, with_threads(job_overrides[n], threads)) for n in chain] for chain in groups]
         return self._run_side_by_side(jobs, workers, threads)
 
     def _run_side_by_side(self, jobs: list[list[tuple[int, list[str]]]], workers: int, threads: int) -> list[JobReturn]:
@@ -166,6 +166,12 @@ class ChainLauncher(Launcher):
                 except Exception as e:  # noqa: BLE001 - Hydra's own steps failed: this job fails, the worker goes on
                     ret = failed(overrides, f"job {number}: {e}")
                 results.put((number, portable(ret)))
+
+
+def with_threads(overrides: Sequence[str], threads: int) -> list[str]:
+    """A job's overrides with its share of the threads, unless the sweep sets ``torch_threads`` itself."""
+    given = any(o.startswith(("torch_threads=", "+torch_threads=", "++torch_threads=")) for o in overrides)
+    return list(overrides) if given else [*overrides, f"torch_threads={threads}"]
 
 
 def portable(ret: JobReturn) -> JobReturn:
