@@ -69,3 +69,14 @@ def test_a_job_of_a_chain_ends_as_it_would_alone(side_by_side):
     (metrics, history, weights), (metrics_alone, history_alone, weights_alone) = results(sweep / "2"), results(tmp / "alone")
     assert metrics == metrics_alone and history == history_alone
     assert all(torch.equal(weights[k], weights_alone[k]) for k in weights)
+
+
+def test_only_the_first_worker_shows_a_progress_bar(make_cfg, monkeypatch):
+    """Two bars redrawn by two processes garble one terminal: the other workers' trainers show none, nor a model summary."""
+    from vit.builders import build_trainer
+
+    cfg = make_cfg(["trainer.enable_progress_bar=true", "trainer.enable_model_summary=true"])
+    assert build_trainer(cfg, []).progress_bar_callback is not None
+    monkeypatch.setenv(launcher.QUIET, "1")
+    trainer = build_trainer(cfg, [])
+    assert trainer.progress_bar_callback is None and not any(type(c).__name__ == "ModelSummary" for c in trainer.callbacks)

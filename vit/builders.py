@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from vit import checkpoints, parallel, signatures, trackers
 from vit.data import ImageDataModule
 from vit.errors import ConfigError, first_line
+from vit.launcher import quiet_worker
 from vit.module import ClassifierModule
 from vit.precision import on_cuda, resolve_precision
 
@@ -172,6 +173,8 @@ def build_loggers(cfg: DictConfig, run_name: str | None = None) -> list[Any]:
 def build_trainer(cfg: DictConfig, callbacks: list, run_name: str | None = None, **overrides: Any) -> L.Trainer:
     """The configured Trainer, writing its checkpoints atomically (``checkpoints.AtomicCheckpointIO``);
     ``run_name``: see ``build_loggers``."""
+    if quiet_worker():  # a side-by-side sweep's second worker: one progress bar per terminal (vit.launcher)
+        overrides = {"enable_progress_bar": False, "enable_model_summary": False, **overrides}
     trainer = instantiate(
         cfg.trainer,
         "trainer",

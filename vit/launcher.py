@@ -37,6 +37,14 @@ from vit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EPOCHS = "trainer.max_epochs="
+# Set in every worker but the first: two progress bars redrawn by two processes garble one terminal, so only the
+# first worker's jobs show theirs (and the model summary); the others' say each epoch in their log lines.
+QUIET = "VIT_QUIET_WORKER"
+
+
+def quiet_worker() -> bool:
+    """Whether this process is a side-by-side worker that shows no progress bar or model summary (``QUIET``)."""
+    return os.environ.get(QUIET) == "1"
 
 
 def chains(job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -114,7 +122,7 @@ class ChainLauncher(Launcher):
         for _ in range(workers):
             queue.put(None)
         results = context.SimpleQueue()
-        processes = [context.Process(target=self._work, args=(queue, results, threads), daemon=False) for _ in range(workers)]
+        processes = [context.Process(target=self._work, args=(queue, results, threads, index > 0), daemon=False) for index in range(workers)]
         for process in processes:
             process.start()
         returns: dict[int, JobReturn] = {}
@@ -141,11 +149,14 @@ class ChainLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [returns[number] for number in sorted(returns)]
 
-    def _work(self, queue: Any, results: Any, threads: int) -> None:
-        """A worker: one chain after another from ``queue``, each job as the basic launcher runs it."""
+    def _work(self, queue: Any, results: Any, threads: int, quiet: bool) -> None:
+        """A worker: one chain after another from ``queue``, each job as the basic launcher runs it; ``quiet``: without
+        progress bar and model summary (``quiet_worker``)."""
         signal.signal(signal.SIGINT, signal.default_int_handler)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for any process a job starts
+        if quiet:
+            os.environ[QUIET] = "1"
         state = Singleton.get_state()
         while (chain := queue.get()) is not None:
             for number, overrides in chain:
