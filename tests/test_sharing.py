@@ -135,3 +135,14 @@ def test_only_jobs_of_the_same_config_share(make_cfg, tmp_path):
     assert sharing.longest_prefix(own, sweep_dir / "9", compiled=True) is None  # compiled and eager round differently
     (sweep_dir / "1" / "metrics.json").unlink()  # unfinished (or failed): trained alone
     assert sharing.longest_prefix(own, sweep_dir / "9") is None
+
+
+def test_a_sibling_whose_config_is_still_being_written_is_passed_over(make_cfg, tmp_path, monkeypatch):
+    """Side by side (vit.launcher, joblib) a job may look at a sibling whose .hydra/config.yaml is half written."""
+    monkeypatch.setattr(sharing, "in_sweep", lambda: True)
+    cfg = make_cfg(["trainer.max_epochs=2"])
+    job = tmp_path / "sweep" / "1"
+    (tmp_path / "sweep" / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sweep" / "0" / ".hydra" / "config.yaml").write_text("seed: 42\n")  # cut before its trainer section
+    job.mkdir(parents=True)
+    assert sharing.longest_prefix(cfg, job) is None

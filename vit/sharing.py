@@ -110,7 +110,7 @@ def longest_prefix(cfg: DictConfig, job_dir: Path, compiled: bool = False) -> tu
             other = OmegaConf.load(config_file)
         except Exception:  # noqa: BLE001 - a damaged sibling is simply not shared
             continue
-        epochs = other.trainer.get("max_epochs")
+        epochs = OmegaConf.select(other, "trainer.max_epochs")  # None for a sibling whose config is still being written
         if not isinstance(epochs, int) or not 0 < epochs < own or share_key(other) != key:
             continue
         if finished_epochs(sibling) == epochs and ran_compiled(sibling) == compiled and (found is None or epochs > found[1]):
