@@ -33,10 +33,10 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vit.errors import ConfigError
+from vit.sharing import epoch_groups
 
 log = logging.getLogger(__name__)
 
-EPOCHS = "trainer.max_epochs="
 # Set in every worker but the first: two progress bars redrawn by two processes garble one terminal, so only the
 # first worker's jobs show theirs (and the model summary); the others' say each epoch in their log lines.
 QUIET = "VIT_QUIET_WORKER"
@@ -48,17 +48,9 @@ def quiet_worker() -> bool:
 
 
 def chains(job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
-    """The jobs (their positions) grouped into chains: jobs whose overrides differ only in ``trainer.max_epochs``, each
-    chain in increasing epoch count, the chains in the order of their first job."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for number, job in enumerate(job_overrides):
-        groups.setdefault(tuple(o for o in job if not o.startswith(EPOCHS)), []).append(number)
-
-    def epochs(number: int) -> int:
-        value = next((o[len(EPOCHS) :] for o in reversed(job_overrides[number]) if o.startswith(EPOCHS)), "")
-        return int(value) if value.isdigit() else 0
-
-    return [sorted(members, key=lambda n: (epochs(n), n)) for members in groups.values()]
+    """The jobs (their positions) grouped into chains: jobs whose overrides differ only in ``trainer.max_epochs``
+    (``sharing.epoch_groups``), each chain in increasing epoch count, the chains in the order of their first job."""
+    return [[n for n, _ in sorted(group, key=lambda job: (job[1] or 0, job[0]))] for group in epoch_groups(job_overrides)]
 
 
 def workers_for(n_chains: int, n_jobs: int | None) -> int:

@@ -18,6 +18,7 @@ import json
 import logging
 import shlex
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,16 @@ def plan(cfg: DictConfig, stored: dict, compiled: bool = False) -> dict[str, Any
 EPOCHS = "trainer.max_epochs="
 
 
+def epoch_groups(jobs: Sequence[Sequence[str]]) -> list[list[tuple[int, int | None]]]:
+    """The jobs of a sweep (their overrides) grouped by all but ``trainer.max_epochs``, in the order given: each job as
+    (its position, its epoch count, None where it sets none): the jobs that may share epochs, and the launcher's chains."""
+    groups: dict[tuple[str, ...], list[tuple[int, int | None]]] = {}
+    for number, job in enumerate(jobs):
+        epochs = next((o[len(EPOCHS) :] for o in reversed(job) if o.startswith(EPOCHS)), "")
+        groups.setdefault(tuple(o for o in job if not o.startswith(EPOCHS)), []).append((number, int(epochs) if epochs.isdigit() else None))
+    return list(groups.values())
+
+
 def sharing_lines(task_overrides: list[str], cfg: DictConfig, launcher: str) -> list[str]:
     """What the sweep's first lines say: which jobs share epochs, and why the others don't (for Hydra's basic sweeper,
     whose job list is the product of the overrides' values in the order given)."""
@@ -229,14 +240,9 @@ def sharing_lines(task_overrides: list[str], cfg: DictConfig, launcher: str) -> 
             f"Sharing epochs: the jobs run side by side ({launcher.rsplit('.', 1)[-1]}): a job starts from a shorter one only if that "
             "one finished before it started; the others train on their own."
         ]
-    groups: dict[tuple[str, ...], list[tuple[int, int]]] = {}
-    for number, job in enumerate(jobs):
-        epochs = next((o[len(EPOCHS) :] for o in reversed(job) if o.startswith(EPOCHS)), None)
-        if epochs is None or not epochs.isdigit():
-            continue
-        groups.setdefault(tuple(o for o in job if not o.startswith(EPOCHS)), []).append((number, int(epochs)))
     shared, backwards = [], []
-    for members in groups.values():
+    for group in epoch_groups(jobs):
+        members = [(number, epochs) for number, epochs in group if epochs is not None]
         for i, (number, epochs) in enumerate(members):
             earlier = [(n, e) for n, e in members[:i] if e < epochs]
             if earlier:
