@@ -70,9 +70,11 @@ def make_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 240, own_session: bool = False) -> subprocess.CompletedProcess:
+    """``own_session``: the script leads a process group of its own, so a signal to its group reaches none of ours."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    command = [sys.executable, str(ROOT / script), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=own_session)
 
 
 def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 32, suffix: str = ".png") -> Path:

@@ -9,14 +9,18 @@ import torch
 
 
 class KillAtStep(L.Callback):
-    """kill -9 of the own process after ``step`` optimizer steps: a crash mid-epoch."""
+    """kill -9 of the own process after ``step`` optimizer steps: a crash mid-epoch. ``group``: the signal goes to the
+    whole process group, as a terminal's Ctrl-C does (only for a run started in a session of its own)."""
 
-    def __init__(self, step: int, sig: str = "SIGKILL"):
-        self.step, self.sig = step, getattr(signal, sig)
+    def __init__(self, step: int, sig: str = "SIGKILL", group: bool = False):
+        self.step, self.sig, self.group = step, getattr(signal, sig), group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.sig)
+            if self.group:
+                os.killpg(os.getpgrp(), self.sig)
+            else:
+                os.kill(os.getpid(), self.sig)
 
 
 class PoisonAtEpoch(L.Callback):

@@ -48,6 +48,7 @@ def side_by_side(tmp_path_factory):
     return sweep, result, tmp
 
 
+@pytest.mark.slow
 def test_chains_run_side_by_side_and_a_failed_job_fails_alone(side_by_side):
     sweep, result, _ = side_by_side
     out = result.stdout + result.stderr
@@ -60,6 +61,7 @@ def test_chains_run_side_by_side_and_a_failed_job_fails_alone(side_by_side):
     assert "| ok |" in rows["2"] and "| failed: optim.lr must be > 0, got -1 |" in rows["3"]
 
 
+@pytest.mark.slow
 def test_a_job_of_a_chain_ends_as_it_would_alone(side_by_side):
     sweep, _, tmp = side_by_side
     alone = re.search(r"Alone: python train.py (.*)$", (sweep / "2" / "train.log").read_text(), re.M).group(1)
@@ -80,3 +82,32 @@ def test_only_the_first_worker_shows_a_progress_bar(make_cfg, monkeypatch):
     monkeypatch.setenv(launcher.QUIET, "1")
     trainer = build_trainer(cfg, [])
     assert trainer.progress_bar_callback is None and not any(type(c).__name__ == "ModelSummary" for c in trainer.callbacks)
+
+
+@pytest.mark.slow
+def test_a_side_by_side_sweep_stopped_by_ctrl_c_goes_on_with_nothing_lost(side_by_side):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while both workers train: one line says how
+    to go on, no traceback; the same command into the same dir finishes every job, and a stopped job ends as the
+    uninterrupted sweep's."""
+    sweep, _, tmp = side_by_side
+    again = tmp / "again"
+    steps_per_epoch = (192 - 64) // 32
+    kill = [
+        "+callbacks.stop._target_=tests.faults.KillAtStep",
+        f"+callbacks.stop.step={steps_per_epoch + 2}",
+        "+callbacks.stop.sig=SIGINT",
+        "+callbacks.stop.group=true",
+    ]
+    command = [*TINY, "data.train_size=192", "trainer.max_epochs=1,2", "optim.lr=1e-3,3e-3", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={again}"]
+    stopped = run_script("train.py", "-m", *command, *kill, f"paths.data_dir={tmp / 'data'}", own_session=True)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert f"to go on, run the same command with hydra.sweep.dir={again}" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not all((again / job / "metrics.json").is_file() for job in "0123")
+    result = run_script("train.py", "-m", *command, f"paths.data_dir={tmp / 'data'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all((again / job / "metrics.json").is_file() for job in "0123")
+    logs = "".join((again / job / "train.log").read_text() for job in "0123")
+    assert "stopped in an earlier run of this sweep" in logs
+    (metrics, history, weights), (metrics_again, history_again, weights_again) = results(sweep / "2"), results(again / "2")
+    assert metrics == metrics_again and history == history_again
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)

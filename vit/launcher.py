@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,7 +132,13 @@ class ChainLauncher(Launcher):
         except KeyboardInterrupt:
             for process in processes:  # each worker saw the Ctrl-C too: it saves its job's interrupted.ckpt and stops
                 process.join()
-            raise
+            sweep_dir = self.config.hydra.sweep.dir
+            print(
+                f"\nInterrupted: the sweep's finished jobs are kept in {sweep_dir}; to go on, run the same command with "
+                f"hydra.sweep.dir={sweep_dir} (finished jobs are read back, stopped ones resume where they stopped)",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         for process in processes:
             process.join()
         for chain in jobs:
@@ -150,6 +157,13 @@ class ChainLauncher(Launcher):
         if quiet:
             os.environ[QUIET] = "1"
         state = Singleton.get_state()
+        try:
+            self._work_chains(queue, results, state)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning ends an interrupted fit with SystemExit): the
+            return  # launching process says how to go on; the jobs this worker did not finish get no result
+
+    def _work_chains(self, queue: Any, results: Any, state: Any) -> None:
+        """One chain after another from ``queue`` until its end mark; each job's ``JobReturn`` to ``results``."""
         while (chain := queue.get()) is not None:
             for number, overrides in chain:
                 setup_globals()
