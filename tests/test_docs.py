@@ -183,3 +183,49 @@ def test_the_layout_page_names_every_module_and_bench_script():
     files = {str(p.relative_to(ROOT)) for folder in ("vit", "bench") for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
     assert files - listed == set(), "docs/layout.md should say what each of these files does"
     assert {name for name in listed if name.endswith(".py") and "/" in name} - files == set(), "docs/layout.md names files that are gone"
+
+
+def misquoted_commands(text: str, rows: dict) -> list[str]:
+    """Table rows quoting ``python train.py experiment=NAME ...`` (no seed of their own) beside a bold accuracy that is
+    not one the registry row NAME recorded: today's command named for a run of what the preset was before."""
+    wrong = []
+    for line in text.splitlines():
+        command = re.search(r"`python train\.py experiment=(\w+)([^`]*)`", line)
+        figures = set(re.findall(r"\*\*(\d+\.\d\d)%\*\*", line))
+        if line.startswith("| ") and command and figures and "seed=" not in command.group(2) and command.group(1) in rows:
+            if not figures <= {f"{result['accuracy']:.2f}" for result in rows[command.group(1)]["results"]}:
+                wrong.append(line)
+    return wrong
+
+
+def test_a_speedrun_table_gives_a_presets_command_only_beside_that_presets_recorded_figures():
+    """A run of a preset that has changed since is named by its registry row, not by today's command, which would rerun
+    something else."""
+    rows = {row["name"]: row for row in json.loads((ROOT / "docs" / "frontier.json").read_text())["rows"]}
+    assert misquoted_commands((ROOT / "docs" / "speedrun.md").read_text(), rows) == []
+    before = "| `python train.py experiment=fast data=folder data.root=../shared/data/cifar10-jpeg` (seed 42) | 7 | **322 s** | **70.13%** |"
+    assert misquoted_commands(before, rows) == [before]  # the line as it stood before fast changed: caught
+
+
+def test_the_readme_is_read_in_two_minutes():
+    """At most 150 lines, and no table cell over 25 words."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    cells = [cell for line in text.splitlines() if line.startswith("|") for cell in line.strip("|").split("|")]
+    assert cells and max(len(cell.split()) for cell in cells) <= 25
+
+
+def test_one_idea_per_file_no_module_or_bench_script_over_450_lines():
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for d in ("vit", "bench") for p in (ROOT / d).glob("*.py")}
+    assert len(sizes) > 20 and {name: n for name, n in sizes.items() if n > 450} == {}
+
+
+def test_the_optimizers_know_no_model_class():
+    """vit/optim.py routes by what a net says of itself (``output_layers``, ``qkv_projections``), not by its classes."""
+    import ast
+
+    tree = ast.parse((ROOT / "vit" / "optim.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    assert "torch" in imported and not imported & {"vit.model", "vit.zoo", "timm"}

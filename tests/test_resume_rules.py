@@ -171,3 +171,17 @@ def test_a_resumed_run_records_what_changed_in_its_checkpoints_and_run_json(make
     assert record[0]["epoch"] == 0 and any(c.startswith("trainer.max_epochs: 1 -> 2") for c in record[0]["changed"])
     refused_line = one_line_error(run.train, make_cfg([f"ckpt_path={out}", "trainer.max_epochs=3", "callbacks=ema"], run="again"), capsys)
     assert "callbacks.ema=<none>" in refused_line
+
+
+def test_a_checkpoint_stores_its_targets_defaults(make_cfg):
+    """What a later resume compares a key left out of the config with: the constructor's defaults of the day, here read
+    from the signatures themselves."""
+    import inspect
+
+    from vit.model import ViT
+    from vit.module import ClassifierModule
+
+    stored = checkpoints.stored_config(make_cfg([]), CLASSES)
+    for key, cls in (("model", ViT), ("module", ClassifierModule)):
+        plain = {n: p.default for n, p in inspect.signature(cls).parameters.items() if isinstance(p.default, (bool, int, float, str))}
+        assert len(plain) >= 5 and {n: stored["defaults"][key][n] for n in plain} == plain
