@@ -7,11 +7,12 @@ import hydra
 from omegaconf import DictConfig
 
 from vit.cli import check_command_line, run_reporting_errors
-from vit.run import test
 
 
 @hydra.main(config_path="conf", config_name="test", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    from vit.run import test  # here, not above: a wrong command line is answered before torch and Lightning load
+
     return run_reporting_errors(test, cfg)
 
 

@@ -9,11 +9,12 @@ import hydra
 from omegaconf import DictConfig
 
 from vit.cli import check_command_line, result_for_sweeper, run_reporting_errors
-from vit.run import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
+    from vit.run import train  # here, not above: a wrong command line is answered before torch and Lightning load
+
     return run_reporting_errors(partial(result_for_sweeper, train), cfg)
 
 

@@ -128,19 +128,25 @@ def test_default_data_offline_is_one_line_naming_the_fix(make_cfg, monkeypatch, 
     assert len(err) == 1 and "data=folder data.root=" in err[0] and "data=fake" in err[0]
 
 
+@pytest.mark.parametrize(
+    ("ckpt", "message"), [(None, "no checkpoint given"), ("does/not/exist", "does/not/exist does not exist"), ("empty", "is empty")]
+)
+def test_a_checkpoint_that_is_not_there_is_named_in_one_line(make_cfg, tmp_path, ckpt, message):
+    (tmp_path / "empty").mkdir()
+    given = [] if ckpt is None else [f"ckpt={tmp_path / ckpt if ckpt == 'empty' else ckpt}"]
+    with pytest.raises(ConfigError, match=message) as info:
+        run.test(make_cfg(given, name="test"))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.slow
 def test_test_script_errors_are_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
-    for args, message in [
-        ((), "no checkpoint given"),
-        (("ckpt=does/not/exist",), "does/not/exist does not exist"),
-        ((f"ckpt={tmp_path / 'empty'}",), "is empty"),
-    ]:
-        result = run_script("test.py", *args, f"hydra.run.dir={tmp_path / 'out'}")
-        assert result.returncode == 1, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
-        assert "Traceback" not in result.stdout + result.stderr
+    """From the script: the line alone on stderr, exit code 1, no traceback (the messages: the test above)."""
+    result = run_script("test.py", "ckpt=does/not/exist", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "does/not/exist does not exist" in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
@@ -34,7 +33,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vit.errors import ConfigError
-from vit.sharing import epoch_groups
+
+# torch and vit.sharing (Lightning) are imported where used: Hydra imports this module on every start of train.py and
+# test.py (it looks for plugins), and a wrong command line is answered before they load.
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,16 @@ def quiet_worker() -> bool:
 def chains(job_overrides: Sequence[Sequence[str]]) -> list[list[int]]:
     """The jobs (their positions) grouped into chains: jobs whose overrides differ only in ``trainer.max_epochs``
     (``sharing.epoch_groups``), each chain in increasing epoch count, the chains in the order of their first job."""
+    from vit.sharing import epoch_groups
+
     return [[n for n, _ in sorted(group, key=lambda job: (job[1] or 0, job[0]))] for group in epoch_groups(job_overrides)]
 
 
 def workers_for(n_chains: int, n_jobs: int | None) -> int:
     """How many processes run the chains: ``n_jobs`` if set, else one per torch thread (no more than the chains); 1 on a
     CUDA machine (its GPU is one) and where processes cannot be forked."""
+    import torch
+
     if n_jobs is not None:
         if not isinstance(n_jobs, int) or n_jobs < 1:
             raise ConfigError(f"hydra.launcher.n_jobs must be null (one per torch thread on a CPU) or an integer >= 1, got {n_jobs!r}")
@@ -89,6 +94,8 @@ class ChainLauncher(Launcher):
             basic = BasicLauncher()
             basic.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
             return basic.launch(job_overrides, initial_job_idx)
+        import torch
+
         threads = max(1, torch.get_num_threads() // workers)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -151,6 +158,8 @@ class ChainLauncher(Launcher):
     def _work(self, queue: Any, results: Any, threads: int, quiet: bool) -> None:
         """A worker: one chain after another from ``queue``, each job as the basic launcher runs it; ``quiet``: without
         progress bar and model summary (``quiet_worker``)."""
+        import torch
+
         signal.signal(signal.SIGINT, signal.default_int_handler)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for any process a job starts

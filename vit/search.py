@@ -12,7 +12,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 OPTIMIZABLE = ("val/acc",)  # never a test/* metric: a search that selects on the test split would leave no unbiased test figure
@@ -50,6 +49,8 @@ def problems(cfg: DictConfig) -> list[str]:
 
 def _checkpoint_problems(cfg: DictConfig, name: str) -> list[str]:
     """A run returns the best ``name`` its checkpoint callback recorded: it must monitor ``name``, the best being the highest."""
+    from lightning.pytorch.callbacks import ModelCheckpoint  # here: the scripts check their command line before Lightning loads
+
     keepers = {}
     for key, node in (cfg.get("callbacks") or {}).items():
         try:
