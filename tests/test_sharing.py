@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import TINY, run_script
 from vit import sharing
+from vit.errors import ConfigError
 
 SWEEP = [*TINY, "data.train_size=192", "trainer.max_epochs=1,2"]
 
@@ -89,8 +90,6 @@ def test_a_sweep_stopped_by_ctrl_c_and_run_again_trains_nothing_twice(swept):
     assert "finished in an earlier run of this sweep" in (again / "0" / "train.log").read_text()
     assert "stopped in an earlier run of this sweep" in (again / "1" / "train.log").read_text()
     before, after = results(shared / "1"), results(again / "1")
-    changed = run_script("train.py", "-m", *SWEEP, "optim.lr=0.01", *common)
-    assert changed.returncode != 0 and "finished with optim.lr=0.001: run the changed sweep into a new dir" in changed.stderr
     assert after[0] == before[0] and after[1] == before[1] and all(torch.equal(after[2][k], before[2][k]) for k in before[2])
 
 
@@ -135,6 +134,24 @@ def test_only_jobs_of_the_same_config_share(make_cfg, tmp_path):
     assert sharing.longest_prefix(own, sweep_dir / "9", compiled=True) is None  # compiled and eager round differently
     (sweep_dir / "1" / "metrics.json").unlink()  # unfinished (or failed): trained alone
     assert sharing.longest_prefix(own, sweep_dir / "9") is None
+
+
+def test_a_sweep_run_again_with_other_settings_into_its_dir_is_refused(make_cfg, tmp_path, monkeypatch):
+    """A finished job of the dir keeps its results only for the settings it finished with; others are refused in one line."""
+    from vit import checkpoints
+
+    monkeypatch.setattr(sharing, "in_sweep", lambda: True)
+    finished = make_cfg(["trainer.max_epochs=1", "optim.lr=0.001"], run="sweep/0")
+    job = Path(finished.paths.output_dir)
+    (job / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": checkpoints.stored_config(finished, ["a", "b"])}}, job / "checkpoints" / "last.ckpt")
+    (job / "metrics.json").write_text('{"test/acc": 0.5}')
+    (job / "run.json").write_text(json.dumps({"history": [{}]}))
+    again = make_cfg(["trainer.max_epochs=1", "optim.lr=0.001"], run="sweep/0")
+    assert sharing.plan(again, checkpoints.stored_config(again, ["a", "b"])) == {"done": {"test/acc": 0.5}}
+    changed = make_cfg(["trainer.max_epochs=1", "optim.lr=0.01"], run="sweep/0")
+    with pytest.raises(ConfigError, match=r"job 0 of this sweep dir finished with optim.lr=0.001: run the changed sweep into a new dir"):
+        sharing.plan(changed, checkpoints.stored_config(changed, ["a", "b"]))
 
 
 def test_a_sibling_whose_config_is_still_being_written_is_passed_over(make_cfg, tmp_path, monkeypatch):
