@@ -1,11 +1,13 @@
 """The command line as a person meets it: a mistyped key or option, a value of the wrong type, the noise Lightning prints."""
 
 import logging
+import subprocess
+import sys
 import warnings
 
 import pytest
 
-from tests.conftest import CONF, TINY, run_script
+from tests.conftest import CONF, ROOT, TINY, run_script
 from vit import cli, run
 from vit.errors import ConfigError
 
@@ -134,3 +136,18 @@ def test_known_noise_is_filtered_and_real_messages_stay(caplog):
         warnings.warn("The number of training batches (6) is smaller than the logging interval Trainer(log_every_n_steps=50).", UserWarning)
         warnings.warn("a real warning", UserWarning)
     assert [str(w.message) for w in caught] == ["a real warning"]
+
+
+def test_a_wrong_command_line_is_answered_before_torch_loads():
+    """A typo is answered in under a second: the scripts check their command line before torch and Lightning load
+    (Hydra imports the launcher plugin on every start, so it imports them only where used)."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', 'nokey=1']\n"
+        "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    print('exit', e.code)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["exit 1", "torch not loaded"], done.stdout + done.stderr[-2000:]
+    assert "nokey is not a config key" in done.stderr
