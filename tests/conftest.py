@@ -43,6 +43,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "trainer.num_sanity_val_steps=0",
     "trainer.log_every_n_steps=1",
+    "~callbacks.test_figures",  # drawing its two figures is most of a tiny run's test (tests/test_report.py keeps them)
 ]
 
 

@@ -92,7 +92,7 @@ def test_trainer_options_compose(make_cfg, option):
 
 
 def test_logger_and_callbacks_instantiate(make_cfg):
-    cfg = make_cfg()
+    cfg = make_cfg(tiny=False)
     loggers = [instantiate(node) for node in cfg.logger.values()]
     callbacks = [instantiate(node) for node in cfg.callbacks.values()]
     assert type(loggers[0]).__name__ == "TensorBoardLogger"

@@ -18,7 +18,7 @@ from vit import predict, report
 from vit.builders import evaluation_module
 from vit.model import ViT
 
-SWEEP_SMALL = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [
+SWEEP_SMALL = [o for o in TINY if not o.startswith(("trainer.max_epochs", "~callbacks.test_figures"))] + [
     "data.train_size=128",
     "data.val_size=32",
     "data.test_size=32",
