@@ -9,7 +9,7 @@ import torch
 
 
 class KillAtStep(L.Callback):
-    """kill -9 of the own process after ``step`` optimizer steps: a crash mid-epoch. ``group``: the signal goes to the
+    """``sig`` (kill -9 by default: a crash mid-epoch) to the own process after ``step`` optimizer steps. ``group``: to the
     whole process group, as a terminal's Ctrl-C does (only for a run started in a session of its own)."""
 
     def __init__(self, step: int, sig: str = "SIGKILL", group: bool = False):
