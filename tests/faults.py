@@ -23,6 +23,16 @@ class KillAtStep(L.Callback):
                 os.kill(os.getpid(), self.sig)
 
 
+def kill_at(step: int, sig: str = "SIGKILL", group: bool = False) -> list[str]:
+    """The overrides that add ``KillAtStep`` to a run as ``callbacks.stop``."""
+    return [
+        "+callbacks.stop._target_=tests.faults.KillAtStep",
+        f"+callbacks.stop.step={step}",
+        f"+callbacks.stop.sig={sig}",
+        *(["+callbacks.stop.group=true"] if group else []),
+    ]
+
+
 class PoisonAtEpoch(L.Callback):
     """Fills the first weight with NaN when ``epoch`` starts, so the next loss is NaN."""
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, run_script
+from tests.faults import kill_at
 from tests.test_sharing import results
 from vit import launcher
 from vit.errors import ConfigError
@@ -92,12 +93,7 @@ def test_a_side_by_side_sweep_stopped_by_ctrl_c_goes_on_with_nothing_lost(side_b
     sweep, _, tmp = side_by_side
     again = tmp / "again"
     steps_per_epoch = (192 - 64) // 32
-    kill = [
-        "+callbacks.stop._target_=tests.faults.KillAtStep",
-        f"+callbacks.stop.step={steps_per_epoch + 2}",
-        "+callbacks.stop.sig=SIGINT",
-        "+callbacks.stop.group=true",
-    ]
+    kill = kill_at(steps_per_epoch + 2, "SIGINT", group=True)
     command = [*TINY, "data.train_size=192", "trainer.max_epochs=1,2", "optim.lr=1e-3,3e-3", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={again}"]
     stopped = run_script("train.py", "-m", *command, *kill, f"paths.data_dir={tmp / 'data'}", own_session=True)
     assert stopped.returncode == 1, stopped.stderr[-3000:]

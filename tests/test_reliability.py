@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, TINY, make_image_folder, run_script
+from tests.faults import kill_at
 from vit import checkpoints, run
 from vit.cli import run_reporting_errors
 from vit.model import ViT
@@ -180,9 +181,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
         "train.py",
         *TINY,
         "trainer.max_epochs=3",
-        "+callbacks.stop._target_=tests.faults.KillAtStep",
-        f"+callbacks.stop.step={steps_per_epoch + 2}",
-        "+callbacks.stop.sig=SIGINT",
+        *kill_at(steps_per_epoch + 2, "SIGINT"),
         f"hydra.run.dir={run_dir}",
         f"paths.data_dir={tmp_path / 'data'}",
     )

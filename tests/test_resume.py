@@ -14,6 +14,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import TINY, compose_config, make_image_folder, run_script
+from tests.faults import kill_at
 from tests.test_reliability import RESUMABLE, one_line_error
 from vit import callbacks, checkpoints, run
 from vit.data import FakeDataModule
@@ -34,9 +35,7 @@ def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupte
     result = run_script(
         "train.py",
         *overrides,
-        "+callbacks.stop._target_=tests.faults.KillAtStep",
-        f"+callbacks.stop.step={steps_per_epoch + 5}",
-        "+callbacks.stop.sig=SIGINT",
+        *kill_at(steps_per_epoch + 5, "SIGINT"),
         f"hydra.run.dir={stopped}",
         f"paths.data_dir={tmp_path / 'data'}",
     )

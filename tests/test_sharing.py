@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import TINY, run_script
+from tests.faults import kill_at
 from vit import sharing
 from vit.errors import ConfigError
 
@@ -78,7 +79,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_run_again_trains_nothing_twice(swept):
     (shared, _), _, tmp = swept
     again = tmp / "again"
     steps_per_epoch = (192 - 64) // 32
-    kill = ["+callbacks.stop._target_=tests.faults.KillAtStep", f"+callbacks.stop.step={steps_per_epoch + 2}", "+callbacks.stop.sig=SIGINT"]
+    kill = kill_at(steps_per_epoch + 2, "SIGINT")
     common = [f"hydra.sweep.dir={again}", f"paths.data_dir={tmp / 'data'}"]
     stopped = run_script("train.py", "-m", *SWEEP, *kill, *common)
     assert stopped.returncode != 0 and (again / "1" / "checkpoints" / "interrupted.ckpt").is_file(), stopped.stderr[-3000:]
