@@ -59,6 +59,13 @@ def step_dtype(precision: str) -> torch.dtype:
     return STEP_DTYPES.get(str(precision), torch.float32)
 
 
+def step_autocast(args: argparse.Namespace, cfg: DictConfig) -> tuple[torch.dtype, torch.autocast]:
+    """The dtype a net's step runs its matmuls in (``args.precision``, else its config's as resolved for this device),
+    and the autocast that runs it so (off for fp32)."""
+    dtype = step_dtype(args.precision or resolve_precision(cfg.trainer, say=False))
+    return dtype, torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def compose_net(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config ``python train.py OVERRIDES`` composes (no data is loaded: only its model, optim, module and data sizes are read)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -106,8 +113,7 @@ def time_flop_row(args: argparse.Namespace, name: str, cfg: DictConfig, size: in
     ``args.warmup``, under autocast where the net trains in a mixed precision (``args.precision`` or its config's, as
     resolved for this device)."""
     device, batch = args.device, cfg.data.batch_size
-    dtype = step_dtype(args.precision or resolve_precision(cfg.trainer, say=False))
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    dtype, autocast = step_autocast(args, cfg)
     L.seed_everything(args.seed, verbose=False)
     net, optimizer = build_step(cfg, device)
     smoothing = (cfg.get("module") or {}).get("label_smoothing", 0.0)

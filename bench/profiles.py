@@ -9,9 +9,7 @@ import argparse
 import lightning as L
 import torch
 import torch.nn.functional as F
-from flop_limit import DTYPE_NAMES, FLOP_NETS, build_step, compose_net, num_classes_of, step_dtype, train_sides
-
-from vit.precision import resolve_precision
+from flop_limit import DTYPE_NAMES, FLOP_NETS, build_step, compose_net, num_classes_of, step_autocast, train_sides
 
 
 class OpsProfile:
@@ -53,8 +51,7 @@ def profile_step(args: argparse.Namespace, name: str, steps: int = 3, top: int =
     smoothing = (cfg.get("module") or {}).get("label_smoothing", 0.0)
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, num_classes_of(cfg), (batch,), device=device)
-    dtype = step_dtype(args.precision or resolve_precision(cfg.trainer, say=False))  # as the --flops rows: the net's own precision
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    dtype, autocast = step_autocast(args, cfg)  # as the --flops rows: the net's own precision
 
     def step() -> None:
         with record_function("phase:optimizer"):
