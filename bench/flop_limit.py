@@ -28,7 +28,7 @@ from vit.precision import resolve_precision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # --flops: the nets timed and counted, by the overrides that make them (the manual's recipe is the config's default).
-FLOP_NETS = {"manual": [], "fast": ["experiment=fast"], "budget": ["experiment=budget"]}
+FLOP_NETS = {"manual": [], "fast": ["experiment=fast"], "budget": ["experiment=budget"], "budget_max": ["experiment=budget_max"]}
 
 
 def matmul_rates(device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
