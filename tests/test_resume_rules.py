@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.faults import kill_at
 from tests.test_reliability import one_line_error
 from vit import checkpoints, run
 from vit.errors import ConfigError
@@ -101,7 +102,7 @@ def test_callbacks_that_change_what_trains_or_is_tested_are_refused(make_cfg, tm
 
 
 def test_callbacks_let_through_are_logged_and_recorded(make_cfg, tmp_path, caplog):
-    path = checkpoint_of(make_cfg, tmp_path, ["+callbacks.stop._target_=tests.faults.KillAtStep", "+callbacks.stop.step=5"])
+    path = checkpoint_of(make_cfg, tmp_path, kill_at(5))
     changed = logged(make_cfg, path, caplog, ["~callbacks.rng_state", "callbacks.model_checkpoint.save_top_k=2"])
     assert [c.split(":")[0] for c in changed] == ["callbacks.rng_state", "callbacks.stop"], changed  # save_top_k is free
     assert "callbacks.stop: tests.faults.KillAtStep -> <none>: a callback whose effect" in changed[1]
