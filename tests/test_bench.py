@@ -256,6 +256,21 @@ def test_time_to_accuracy_names_its_experiment_once():
     assert done.returncode == 2 and "--experiment budget and --ours experiment=fast: name the experiment once" in done.stderr
 
 
+def test_time_to_accuracy_tests_no_epoch_checkpoint_without_a_picture(tmp_path):
+    """Each epoch checkpoint tested after the race is one more read of the test split: only --png asks for them."""
+    command = [sys.executable, "bench/time_to_accuracy.py", "--data", "fake", "--skip-manual", "--data-dir", str(tmp_path), "--target", "0.99"]
+    done = subprocess.run(
+        [*command, "--ours", "trainer.max_epochs=2", "data.train_size=256", "data.test_size=64", "data.val_size=64"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "ours: epoch" not in done.stdout and "Accuracy on test set" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| ours: "))
+    assert row.split(" | ")[1] == "2", row  # the epochs it trained, not the checkpoints it tested
+
+
 def test_a_flops_row_runs_in_its_precision_and_is_judged_against_the_peak_of_its_dtype(capsys, tmp_path):
     """--flops times each net's step in the precision it trains in and gives its share of that dtype's peak, not fp32's."""
     import argparse
