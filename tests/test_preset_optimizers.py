@@ -19,7 +19,7 @@ PINNED = {
     "seed_fixed": ADAM,
     "fast": {**MUON, "lr": 3e-3, "muon_convs": False},
     "budget": {**MUON, "lr": 1.5e-3, "muon_convs": True},  # optim=muon_convs since 2026-12-07
-    "budget_max": {**MUON, "lr": 1.5e-3, "muon_convs": False},  # optim=muon: its convolutions under Muon not tried yet
+    "budget_max": {**MUON, "lr": 1.5e-3, "muon_convs": True},  # optim=muon_convs since 2026-12-07 night
     "small_strong": {"_target_": "torch.optim.AdamW", "lr": 2e-3, "weight_decay": 0.05, "betas": [0.9, 0.999]},
     "cifar_best": {"_target_": "torch.optim.AdamW", "lr": 2e-3, "weight_decay": 0.05, "betas": [0.9, 0.999]},
     "finetune": {"_target_": "torch.optim.AdamW", "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999]},
