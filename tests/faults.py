@@ -9,27 +9,46 @@ import torch
 
 
 class KillAtStep(L.Callback):
-    """``sig`` (kill -9 by default: a crash mid-epoch) to the own process after ``step`` optimizer steps. ``group``: to the
-    whole process group, as a terminal's Ctrl-C does (only for a run started in a session of its own)."""
+    """``sig`` (kill -9 by default: a crash mid-epoch) to the own process after ``step`` optimizer steps, or, with
+    ``validation_batch``, in the validation that follows ``step`` steps: inside that batch's forward pass (where a
+    Ctrl-C mostly lands) or, with ``after_batch``, once the batch is done. ``group``: to the whole process group, as a
+    terminal's Ctrl-C does (only for a run started in a session of its own)."""
 
-    def __init__(self, step: int, sig: str = "SIGKILL", group: bool = False):
+    def __init__(self, step: int, sig: str = "SIGKILL", group: bool = False, validation_batch: int | None = None, after_batch: bool = False):
         self.step, self.sig, self.group = step, getattr(signal, sig), group
+        self.validation_batch, self.after_batch = validation_batch, after_batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            if self.group:
-                os.killpg(os.getpgrp(), self.sig)
-            else:
-                os.kill(os.getpid(), self.sig)
+        if self.validation_batch is None and trainer.global_step == self.step:
+            self._kill()
+
+    def _this_batch(self, trainer, batch_idx: int) -> bool:
+        return not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == self.validation_batch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not self.after_batch and self._this_batch(trainer, batch_idx):
+            pl_module.net.register_forward_pre_hook(lambda *_: self._kill())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.after_batch and self._this_batch(trainer, batch_idx):
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.group:
+            os.killpg(os.getpgrp(), self.sig)
+        else:
+            os.kill(os.getpid(), self.sig)
 
 
-def kill_at(step: int, sig: str = "SIGKILL", group: bool = False) -> list[str]:
+def kill_at(step: int, sig: str = "SIGKILL", group: bool = False, validation_batch: int | None = None, after_batch: bool = False) -> list[str]:
     """The overrides that add ``KillAtStep`` to a run as ``callbacks.stop``."""
     return [
         "+callbacks.stop._target_=tests.faults.KillAtStep",
         f"+callbacks.stop.step={step}",
         f"+callbacks.stop.sig={sig}",
         *(["+callbacks.stop.group=true"] if group else []),
+        *([f"+callbacks.stop.validation_batch={validation_batch}"] if validation_batch is not None else []),
+        *(["+callbacks.stop.after_batch=true"] if after_batch else []),
     ]
 
 

@@ -48,6 +48,30 @@ def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupte
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("after_batch", [False, True], ids=["inside-a-step", "between-batches"])
+def test_ctrl_c_during_validation_then_resume_ends_as_uninterrupted(make_cfg, tmp_path, after_batch):
+    """SIGINT in batch 2 of epoch 0's validation (5 batches, the last short): the resumed run validates that epoch over
+    the whole split and keeps its training metrics, so its curve, best checkpoint and test are the uninterrupted's."""
+    overrides = [*RESUMABLE, "trainer.max_epochs=2", "data.val_size=72", "data.eval_batch_size=16"]
+    full = make_cfg(overrides[len(TINY) :], run="full")
+    uninterrupted = run.train(full)
+    steps_per_epoch = torch.load(Path(full.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] // 2
+    stopped = tmp_path / "stopped"
+    result = run_script(
+        "train.py",
+        *overrides,
+        *kill_at(steps_per_epoch, "SIGINT", validation_batch=2, after_batch=after_batch),
+        f"hydra.run.dir={stopped}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    )
+    interrupted = stopped / "checkpoints" / callbacks.INTERRUPTED
+    assert result.returncode != 0 and interrupted.exists(), result.stderr[-2000:]
+    resumed = make_cfg([*overrides[len(TINY) :], f"ckpt_path={interrupted}"], run="resumed")
+    assert run.train(resumed) == uninterrupted
+    assert history(Path(resumed.paths.output_dir)) == history(Path(full.paths.output_dir))
+
+
 def test_resuming_a_run_dir_takes_its_newest_resume_point_not_its_best(make_cfg, tmp_path, trained_run):
     run_dir = tmp_path / "copy"
     shutil.copytree(trained_run, run_dir)

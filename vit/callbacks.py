@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from torch import Tensor
 
+from vit import loop_state
 from vit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,23 @@ class WeightEMA(WeightAveraging):
 
 
 class RngState(Callback):
-    """Stores the RNG states in each checkpoint, so a resumed run draws what the uninterrupted one would."""
+    """Stores the RNG states in each checkpoint, so a resumed run draws what the uninterrupted one would.
+
+    A checkpoint written in the middle of a validation (a Ctrl-C there) is resumed by validating again from the start
+    (``loop_state.validate_again``), and starting a validation draws from the RNG (its DataLoader's seed): such a
+    checkpoint gets the CPU state from before the validation began, so the resumed run draws that once more.
+    """
+
+    def __init__(self) -> None:
+        self._before_validation: Tensor | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._before_validation = torch.get_rng_state()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._before_validation is not None and loop_state.in_mid_validation(trainer):
+            checkpoint["callbacks"][self.state_key]["torch"] = self._before_validation
+            loop_state.validate_again(checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state()}

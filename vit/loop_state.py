@@ -21,3 +21,22 @@ def in_mid_epoch(trainer: L.Trainer) -> bool:
     """Whether a training epoch has started and not finished (a checkpoint now is a Ctrl-C's, not an epoch end's)."""
     epochs = trainer.fit_loop.epoch_progress.total
     return epochs.processed < epochs.started
+
+
+def in_mid_validation(trainer: L.Trainer) -> bool:
+    """Whether a fit's validation has started and not finished (a checkpoint now is a Ctrl-C's: the top-k files are
+    written once every validation batch is done)."""
+    if trainer.sanity_checking or not (trainer.validating and trainer.state.fn == "fit"):
+        return False
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress.current
+    return progress.completed < sum(trainer.num_val_batches)
+
+
+def validate_again(checkpoint: dict) -> None:
+    """Rewinds a fit checkpoint written in the middle of a validation to that validation's first batch, begun: Lightning
+    resumes such a checkpoint by running the validation's remaining batches, counted but not skipped, so the epoch's
+    figure would come from its first batches only; from the first batch it runs them all."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        counts.update(ready=1, started=1, processed=0, completed=0)
+    progress["is_last_batch"] = False

@@ -86,6 +86,7 @@ class ClassifierModule(L.LightningModule):
         # The epoch's mean as a metric object, so a mid-epoch checkpoint can carry it; no NaN check (a host sync
         # every step on a GPU): StopOnNonFiniteLoss ends the run at the first non-finite loss.
         self.train_loss = MeanMetric(nan_strategy="disable")
+        self._train_metrics_to_log = False  # restored from a checkpoint written inside an epoch's validation
 
     def _check_optimizer(self, optimizer: OptimizerFactory) -> None:
         """Build it once (on a dummy parameter, or on the net for one that ``takes_module``), so bad settings fail now
@@ -155,9 +156,12 @@ class ClassifierModule(L.LightningModule):
         self.train_acc.update(preds, target)  # update, not forward: no per-batch accuracy nobody logs
         self.train_loss.update(loss.detach(), weight=len(y))
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self._log_train_metrics()
+        return loss
+
+    def _log_train_metrics(self) -> None:
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """In the middle of an epoch (Ctrl-C), the epoch's training metrics so far, so the resumed epoch reports all of it.
@@ -167,6 +171,7 @@ class ClassifierModule(L.LightningModule):
         trainer = self._trainer
         if trainer is not None and trainer.world_size == 1 and loop_state.in_mid_epoch(trainer):
             checkpoint["train_metrics"] = {name: dict(getattr(self, name).metric_state) for name in TRAIN_METRICS}
+            checkpoint["train_metrics_complete"] = loop_state.in_mid_validation(trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for name, states in checkpoint.get("train_metrics", {}).items():
@@ -174,6 +179,14 @@ class ClassifierModule(L.LightningModule):
             for key, value in states.items():
                 setattr(metric, key, value.to(metric.device))
             metric._update_count = max(metric._update_count, 1)  # what update() would have counted
+        self._train_metrics_to_log = checkpoint.get("train_metrics_complete", False)
+
+    def on_train_start(self) -> None:
+        """A run resumed inside an epoch's validation trains no batch of that epoch (no ``training_step`` logs): its
+        restored training metrics are logged here, for that epoch's end, which also resets them for the next."""
+        if self._train_metrics_to_log:
+            self._log_train_metrics()
+            self._train_metrics_to_log = False
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, y = self._step(batch)
