@@ -31,7 +31,8 @@ class RunCheckpoint(ModelCheckpoint):
     - Resuming carries the best-checkpoint record (score and path) over even though the new run
       writes to another dir, so the final test uses the true best epoch, whichever run wrote it.
     - Files outside this run's own dir (an earlier run's best) are never deleted.
-    - Ctrl-C saves ``interrupted.ckpt`` (mid-epoch) before the run exits.
+    - Ctrl-C saves ``interrupted.ckpt`` (mid-epoch) before the run exits; one that lands in a validation is resumed by
+      validating again from that validation's first batch (``loop_state.validate_again``; ``RngState`` keeps the RNG).
     - ``last.ckpt`` is written at the end of every training epoch, after ``RunStats`` has recorded it (Lightning
       writes it at validation end when validating every n-th epoch, and skips it when the top-k did not change).
     - A run without validation (``trainer.limit_val_batches=0``) has no score to monitor: it keeps the last
@@ -85,6 +86,10 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is None or Path(previous).resolve().parent != Path(self.dirpath).resolve():
             return False
         return super()._should_remove_checkpoint(trainer, previous, current)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if loop_state.in_mid_validation(trainer):
+            loop_state.validate_again(checkpoint)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and self.dirpath is not None and trainer.global_step > 0:
@@ -178,8 +183,8 @@ class RngState(Callback):
     """Stores the RNG states in each checkpoint, so a resumed run draws what the uninterrupted one would.
 
     A checkpoint written in the middle of a validation (a Ctrl-C there) is resumed by validating again from the start
-    (``loop_state.validate_again``), and starting a validation draws from the RNG (its DataLoader's seed): such a
-    checkpoint gets the CPU state from before the validation began, so the resumed run draws that once more.
+    (``RunCheckpoint``), and starting a validation draws from the RNG (its DataLoader's seed): such a checkpoint gets the
+    CPU state from before the validation began, so the resumed run draws that once more.
     """
 
     def __init__(self) -> None:
@@ -191,7 +196,6 @@ class RngState(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._before_validation is not None and loop_state.in_mid_validation(trainer):
             checkpoint["callbacks"][self.state_key]["torch"] = self._before_validation
-            loop_state.validate_again(checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state()}
