@@ -30,22 +30,26 @@ def test_ctrl_c_mid_epoch_then_resume_from_interrupted_ckpt_ends_as_uninterrupte
     overrides = [*RESUMABLE, "trainer.max_epochs=2"]
     full = make_cfg(overrides[len(TINY) :], run="full")
     uninterrupted = run.train(full)
-    stopped = tmp_path / "stopped"
     steps_per_epoch = (512 - 64) // 32
-    result = run_script(
-        "train.py",
-        *overrides,
-        *kill_at(steps_per_epoch + 5, "SIGINT"),
-        f"hydra.run.dir={stopped}",
-        f"paths.data_dir={tmp_path / 'data'}",
-    )
-    interrupted = stopped / "checkpoints" / callbacks.INTERRUPTED
-    assert result.returncode != 0 and interrupted.exists(), result.stderr[-2000:]
-    resumed = make_cfg([*overrides[len(TINY) :], f"ckpt_path={interrupted}"], run="resumed")
+    resumed = interrupted_then_resumed(make_cfg, tmp_path, overrides, kill_at(steps_per_epoch + 5, "SIGINT"))
     assert run.train(resumed) == uninterrupted
     assert history(Path(resumed.paths.output_dir)) == history(Path(full.paths.output_dir))  # train/acc of epoch 1 included
-    weights = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for c in (full, resumed)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert same_last_weights(full, resumed)
+
+
+def interrupted_then_resumed(make_cfg, tmp_path: Path, overrides: list[str], kill: list[str]):
+    """Runs ``python train.py`` with ``overrides`` until ``kill`` (``tests.faults.kill_at``) stops it; the config of a
+    run resumed from its interrupted.ckpt."""
+    stopped = tmp_path / "stopped"
+    result = run_script("train.py", *overrides, *kill, f"hydra.run.dir={stopped}", f"paths.data_dir={tmp_path / 'data'}")
+    interrupted = stopped / "checkpoints" / callbacks.INTERRUPTED
+    assert result.returncode != 0 and interrupted.exists(), result.stderr[-2000:]
+    return make_cfg([*overrides[len(TINY) :], f"ckpt_path={interrupted}"], run="resumed")
+
+
+def same_last_weights(*cfgs) -> bool:
+    weights = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for c in cfgs]
+    return all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
 
 
 @pytest.mark.slow
@@ -57,19 +61,11 @@ def test_ctrl_c_during_validation_then_resume_ends_as_uninterrupted(make_cfg, tm
     full = make_cfg(overrides[len(TINY) :], run="full")
     uninterrupted = run.train(full)
     steps_per_epoch = torch.load(Path(full.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] // 2
-    stopped = tmp_path / "stopped"
-    result = run_script(
-        "train.py",
-        *overrides,
-        *kill_at(steps_per_epoch, "SIGINT", validation_batch=2, after_batch=after_batch),
-        f"hydra.run.dir={stopped}",
-        f"paths.data_dir={tmp_path / 'data'}",
-    )
-    interrupted = stopped / "checkpoints" / callbacks.INTERRUPTED
-    assert result.returncode != 0 and interrupted.exists(), result.stderr[-2000:]
-    resumed = make_cfg([*overrides[len(TINY) :], f"ckpt_path={interrupted}"], run="resumed")
+    kill = kill_at(steps_per_epoch, "SIGINT", validation_batch=2, after_batch=after_batch)
+    resumed = interrupted_then_resumed(make_cfg, tmp_path, overrides, kill)
     assert run.train(resumed) == uninterrupted
     assert history(Path(resumed.paths.output_dir)) == history(Path(full.paths.output_dir))
+    assert same_last_weights(full, resumed)  # model.drop_p=0.1: the dropout draws after the validation are the same
 
 
 def test_resuming_a_run_dir_takes_its_newest_resume_point_not_its_best(make_cfg, tmp_path, trained_run):
